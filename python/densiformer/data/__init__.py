@@ -1,0 +1,1 @@
+"""Column schema and normalisation, in-memory tables, and chunked file readers."""

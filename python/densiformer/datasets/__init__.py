@@ -1,0 +1,4 @@
+"""Bundled data sets."""
+from .hipparcos import hipparcos
+
+__all__ = ["hipparcos"]

@@ -1,0 +1,1 @@
+"""Noise schedules, samplers and probability-flow likelihoods that work with any denoiser."""

@@ -1,0 +1,277 @@
+"""DensityEstimator: fit, sample, evaluate and save conditional densities of table columns."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import ModelConfig
+from .data.readers import iter_chunks
+from .data.schema import ColumnSchema
+from .data.tables import to_matrix
+from .diffusion import samplers
+from .diffusion.schedules import DiscreteDDPMSchedule, get_schedule
+from .model import DensityModel
+from .training import TrainingHistory, train
+
+FORMAT = "densiformer-model"
+FORMAT_VERSION = 1
+
+# Rows x samples evaluated by the head at once: bounds memory (about
+# SAMPLE_ROWS_PER_BATCH * head_width * 4 bytes per live activation).
+SAMPLE_ROWS_PER_BATCH = 1 << 16
+
+
+def resolve_device(device) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device} requested but torch sees no CUDA GPU")
+    return device
+
+
+def _batch_seed(seed: int, start: int) -> int:
+    """A generator seed for the batch of rows that starts at `start`."""
+    return int(np.random.SeedSequence([seed, start]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _is_path(data) -> bool:
+    return isinstance(data, (str, os.PathLike))
+
+
+class DensityEstimator:
+    """p(targets | columns) for tabular data, with any subset of columns observed.
+
+    columns: the columns a model may condition on. targets: the columns it estimates
+    densities of (a target may also be in `columns`; when it is not requested it can
+    then be an input). NaN means missing, everywhere.
+    """
+
+    def __init__(self, columns, targets, config: ModelConfig | None = None):
+        columns, targets = list(columns), list(targets)
+        if not targets:
+            raise ValueError("targets must name at least one column")
+        for what, names in (("columns", columns), ("targets", targets)):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{what} has duplicate names {dupes}")
+        self.columns = tuple(columns)
+        self.targets = tuple(targets)
+        self.all_columns = self.columns + tuple(t for t in targets if t not in columns)
+        self.config = config or ModelConfig()
+        self.schedule = get_schedule(self.config.schedule)
+        self.schema: ColumnSchema | None = None
+        self.model: DensityModel | None = None
+        self.history = None
+        self.device = torch.device("cpu")
+
+    # ------------------------------------------------------------------ data
+    def _read(self, data, what, allow_extra) -> np.ndarray:
+        """(rows, all_columns) float32 matrix in physical units."""
+        if _is_path(data):
+            chunks = [to_matrix(chunk, self.all_columns, allow_extra=True, what=f"{what} ({data})")
+                      for chunk in iter_chunks(data, columns=list(self.all_columns))]
+            if not chunks:
+                raise ValueError(f"{what}: {data} has no rows")
+            return np.concatenate(chunks)
+        return to_matrix(data, self.all_columns, allow_extra=allow_extra, what=what)
+
+    def _normalized(self, data, what="inputs") -> np.ndarray:
+        return self.schema.normalize(self._read(data, what, allow_extra=False), self.all_columns)
+
+    def _request(self, request) -> list[str]:
+        if request is None:
+            return list(self.targets)
+        request = [request] if isinstance(request, str) else list(request)
+        unknown = [r for r in request if r not in self.targets]
+        if unknown:
+            raise ValueError(f"request {unknown} is not among the targets {list(self.targets)}")
+        if not request or len(set(request)) != len(request):
+            raise ValueError(f"request must name distinct targets, got {request}")
+        return request
+
+    def _require_fitted(self):
+        if self.model is None:
+            raise RuntimeError("this DensityEstimator is not fitted: call fit() or DensityEstimator.load()")
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, data, epochs: int = 20, batch_size: int = 512, device="auto", seed: int = 0, *,
+            val_data=None, val_fraction: float = 0.1, lr: float = 2e-3, weight_decay: float = 1e-4,
+            ema_decay: float = 0.999, grad_clip: float = 1.0, progress: bool = True, checkpoint=None):
+        """Train on `data` (DataFrame, pyarrow Table, dict of arrays, or a file path).
+
+        Columns of `data` that the model does not know are ignored. Rows are split into
+        training and validation (`val_fraction`, seeded) unless `val_data` is given.
+        With `checkpoint=DIR`, the EMA model is saved there after every epoch, so a
+        crash loses at most one epoch. Returns self.
+        """
+        if epochs < 1 or batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be positive, got {epochs}, {batch_size}")
+        self.device = resolve_device(device)
+        matrix = self._read(data, "fit data", allow_extra=True)
+        missing = [n for j, n in enumerate(self.all_columns) if np.isnan(matrix[:, j]).all()]
+        if missing:
+            raise ValueError(f"fit data: column(s) {missing} have no observed values in {len(matrix)} rows")
+        if val_data is not None:
+            train_raw, val_raw = matrix, self._read(val_data, "val data", allow_extra=True)
+        else:
+            order = np.random.default_rng(seed).permutation(len(matrix))
+            n_val = int(round(val_fraction * len(matrix)))
+            train_raw, val_raw = matrix[order[n_val:]], (matrix[order[:n_val]] if n_val else None)
+        self.schema = ColumnSchema.fit(self.all_columns, train_raw)
+        train_values = self.schema.normalize(train_raw)
+        val_values = None if val_raw is None else self.schema.normalize(val_raw)
+
+        torch.manual_seed(seed)
+        target_columns = [self.all_columns.index(t) for t in self.targets]
+        model = DensityModel(len(self.all_columns), target_columns, self.config)
+
+        def on_epoch_end(epoch, ema_model, history):
+            if checkpoint is not None:
+                self.model, self.history = ema_model, history
+                self.save(checkpoint)
+
+        self.model, self.history = train(
+            model, self.schedule, train_values, val_values, epochs=epochs, batch_size=batch_size, lr=lr,
+            weight_decay=weight_decay, ema_decay=ema_decay, grad_clip=grad_clip, device=self.device,
+            seed=seed, progress=progress, on_epoch_end=on_epoch_end)
+        return self
+
+    # ------------------------------------------------------------------ sampling
+    def _denoiser(self, cond, request_idx):
+        """eps_fn over the requested targets only, for the generic samplers."""
+        K = len(self.targets)
+        req_mask = torch.zeros(K, device=cond.device)
+        req_mask[request_idx] = 1
+
+        def eps_fn(x, log_snr):
+            full = x.new_zeros(*x.shape[:-1], K)
+            full[..., request_idx] = x
+            return self.model(full, log_snr, cond, req_mask)[..., request_idx]
+
+        return eps_fn
+
+    def sample(self, inputs, request=None, num_samples: int = 1000, steps=None, sampler=None,
+               backend="auto", seed: int = 0, *, progress=None) -> np.ndarray:
+        """Draw samples of the requested targets for every row of `inputs`.
+
+        Returns an array (n_rows, num_samples, len(request)) in physical units. The same
+        seed gives the same samples. sampler: "ddpm" (the paper's 120-step ancestral
+        sampler), "ddim", "heun", "dpmpp2m"; None picks the default.
+        """
+        self._require_fitted()
+        request = self._request(request)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        sampler = sampler or DEFAULT_SAMPLER
+        steps = steps or DEFAULT_STEPS[sampler]
+        # The paper's sampler runs on the paper's discrete schedule (fewer steps take a
+        # coarser grid on it); the others on the schedule the model was trained with.
+        schedule = PAPER_DDPM_SCHEDULE if sampler == "ddpm" else self.schedule
+        values = self._normalized(inputs)
+        request_idx = [self.targets.index(r) for r in request]
+        out = np.empty((len(values), num_samples, len(request)), dtype=np.float32)
+        rows_per_batch = max(1, SAMPLE_ROWS_PER_BATCH // num_samples)
+        show = progress if progress is not None else len(values) * num_samples > 1 << 20
+        model = self.model.eval()
+        with torch.no_grad(), tqdm(total=len(values), disable=not show, desc="sampling", unit="row") as bar:
+            for start in range(0, len(values), rows_per_batch):
+                batch = torch.as_tensor(values[start:start + rows_per_batch], device=self.device)
+                n = len(batch)
+                req = torch.zeros(n, len(self.targets), device=self.device)
+                req[:, request_idx] = 1
+                cond = model.condition(batch, req, backend)[:, None, :]
+                generator = torch.Generator(self.device).manual_seed(_batch_seed(seed, start))
+                noise = torch.randn(n, num_samples, len(request), generator=generator, device=self.device)
+                x0 = samplers.sample(sampler, self._denoiser(cond, request_idx), noise, schedule, steps,
+                                     generator=generator)
+                out[start:start + n] = x0.cpu().numpy()
+                bar.update(n)
+        return self.schema.denormalize(out, request).astype(np.float32)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path) -> Path:
+        """Write `path/config.json` and `path/model.safetensors` (EMA weights, no pickle).
+
+        Each file is written under a temporary name and renamed into place, so a crash
+        never leaves a half-written model.
+        """
+        from safetensors.torch import save_file
+
+        self._require_fitted()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "library_version": __version__,
+            "columns": list(self.columns),
+            "targets": list(self.targets),
+            "config": self.config.to_dict(),
+            "schema": self.schema.to_dict(),
+            "history": None if self.history is None else self.history.to_dict(),
+        }
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        save_file(tensors, str(path / "model.safetensors.tmp"), metadata={"format": FORMAT})
+        (path / "config.json.tmp").write_text(json.dumps(meta, indent=2))
+        os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
+        os.replace(path / "config.json.tmp", path / "config.json")
+        return path
+
+    @classmethod
+    def load(cls, path, device="auto") -> "DensityEstimator":
+        """Load a model written by `save`; a clear error for corrupt or incompatible files."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        for name in ("config.json", "model.safetensors"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path / name} not found: not a saved densiformer model directory")
+        try:
+            meta = json.loads((path / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path / 'config.json'} is corrupt: {err}") from err
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"{path / 'config.json'} is not a densiformer model config")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{path} was saved with model format version {meta.get('format_version')} "
+                f"(densiformer {meta.get('library_version')}); this densiformer ({__version__}) reads "
+                f"version {FORMAT_VERSION}. Re-train, or install the version that wrote it.")
+        try:
+            est = cls(meta["columns"], meta["targets"], ModelConfig.from_dict(meta["config"]))
+            est.schema = ColumnSchema.from_dict(meta["schema"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path / 'config.json'} is incomplete or invalid: {err}") from err
+        try:
+            tensors = load_file(str(path / "model.safetensors"))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{path / 'model.safetensors'} is corrupt or truncated: {err}") from err
+        target_columns = [est.all_columns.index(t) for t in est.targets]
+        model = DensityModel(len(est.all_columns), target_columns, est.config)
+        try:
+            model.load_state_dict(tensors)
+        except RuntimeError as err:
+            raise ValueError(f"{path / 'model.safetensors'} does not match {path / 'config.json'}: {err}") from err
+        est.device = resolve_device(device)
+        est.model = model.to(est.device).eval()
+        est.history = TrainingHistory(**meta["history"]) if meta.get("history") else None
+        return est
+
+    def __repr__(self):
+        state = "fitted" if self.model is not None else "not fitted"
+        return (f"DensityEstimator(columns={list(self.columns)}, targets={list(self.targets)}, "
+                f"config={self.config}, {state})")
+
+
+# The sampler used when none is named, and each sampler's default step count.
+DEFAULT_SAMPLER = "ddpm"
+PAPER_DDPM_SCHEDULE = DiscreteDDPMSchedule(120)
+DEFAULT_STEPS = {"ddpm": 120, "ddim": 50, "heun": 10, "dpmpp2m": 20}
