@@ -14,7 +14,7 @@ from .config import ModelConfig
 from .data.readers import iter_chunks
 from .data.schema import ColumnSchema
 from .data.tables import to_matrix
-from .diffusion import samplers
+from .diffusion import likelihood, samplers
 from .diffusion.schedules import DiscreteDDPMSchedule, get_schedule
 from .model import DensityModel
 from .training import TrainingHistory, train
@@ -34,6 +34,11 @@ def resolve_device(device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device} requested but torch sees no CUDA GPU")
     return device
+
+
+def _rows_per_batch(num_samples: int) -> int:
+    """Rows sampled at once: a power of two, so that larger chunks split on its multiples."""
+    return 1 << max(0, (SAMPLE_ROWS_PER_BATCH // num_samples).bit_length() - 1)
 
 
 def _batch_seed(seed: int, start: int) -> int:
@@ -143,9 +148,20 @@ class DensityEstimator:
             seed=seed, progress=progress, on_epoch_end=on_epoch_end)
         return self
 
-    # ------------------------------------------------------------------ sampling
+    # ------------------------------------------------------------------ conditioning
+    def _condition(self, values: np.ndarray, request_idx, backend="auto") -> torch.Tensor:
+        """Per-row head conditioning (n, width) for normalised input rows, computed once."""
+        batch = torch.as_tensor(values, device=self.device)
+        req = torch.zeros(len(batch), len(self.targets), device=self.device)
+        req[:, request_idx] = 1
+        with torch.no_grad():
+            return self.model.eval().condition(batch, req, backend)
+
     def _denoiser(self, cond, request_idx):
-        """eps_fn over the requested targets only, for the generic samplers."""
+        """eps_fn over the requested targets only, for the generic samplers and likelihoods.
+
+        `cond` must broadcast against x.shape[:-1] + (width,).
+        """
         K = len(self.targets)
         req_mask = torch.zeros(K, device=cond.device)
         req_mask[request_idx] = 1
@@ -157,43 +173,142 @@ class DensityEstimator:
 
         return eps_fn
 
+    # ------------------------------------------------------------------ sampling
+    def _sample_normalized(self, values: np.ndarray, request_idx, num_samples, sampler, steps, backend,
+                           seed, progress, row_offset=0) -> np.ndarray:
+        """Samples (n, num_samples, k) in normalised units for normalised input rows.
+
+        Noise for each batch is seeded by (seed, global row index of its first row), so
+        a caller that splits rows at multiples of `_rows_per_batch` gets the same samples.
+        """
+        sampler = sampler or DEFAULT_SAMPLER
+        steps = steps or DEFAULT_STEPS.get(sampler)
+        samplers.nfe(sampler, 1)  # validates the name before any work
+        # The paper's sampler runs on the paper's discrete schedule (fewer steps take a
+        # coarser grid on it); the others on the schedule the model was trained with.
+        schedule = PAPER_DDPM_SCHEDULE if sampler == "ddpm" else self.schedule
+        out = np.empty((len(values), num_samples, len(request_idx)), dtype=np.float32)
+        rows_per_batch = _rows_per_batch(num_samples)
+        show = progress if progress is not None else len(values) * num_samples > 1 << 20
+        with torch.no_grad(), tqdm(total=len(values), disable=not show, desc="sampling", unit="row") as bar:
+            for start in range(0, len(values), rows_per_batch):
+                chunk = values[start:start + rows_per_batch]
+                cond = self._condition(chunk, request_idx, backend)[:, None, :]
+                generator = torch.Generator(self.device).manual_seed(_batch_seed(seed, row_offset + start))
+                noise = torch.randn(len(chunk), num_samples, len(request_idx), generator=generator,
+                                    device=self.device)
+                x0 = samplers.sample(sampler, self._denoiser(cond, request_idx), noise, schedule, steps,
+                                     generator=generator)
+                out[start:start + len(chunk)] = x0.cpu().numpy()
+                bar.update(len(chunk))
+        return out
+
     def sample(self, inputs, request=None, num_samples: int = 1000, steps=None, sampler=None,
                backend="auto", seed: int = 0, *, progress=None) -> np.ndarray:
         """Draw samples of the requested targets for every row of `inputs`.
 
         Returns an array (n_rows, num_samples, len(request)) in physical units. The same
-        seed gives the same samples. sampler: "ddpm" (the paper's 120-step ancestral
-        sampler), "ddim", "heun", "dpmpp2m"; None picks the default.
+        seed gives the same samples. sampler: "ddpm" (the paper's ancestral sampler on
+        its 120-step schedule), "ddim", "heun", "dpmpp2m"; None picks DEFAULT_SAMPLER.
+        steps: None picks that sampler's default (DEFAULT_STEPS).
         """
         self._require_fitted()
         request = self._request(request)
         if num_samples < 1:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
-        sampler = sampler or DEFAULT_SAMPLER
-        steps = steps or DEFAULT_STEPS[sampler]
-        # The paper's sampler runs on the paper's discrete schedule (fewer steps take a
-        # coarser grid on it); the others on the schedule the model was trained with.
-        schedule = PAPER_DDPM_SCHEDULE if sampler == "ddpm" else self.schedule
         values = self._normalized(inputs)
         request_idx = [self.targets.index(r) for r in request]
-        out = np.empty((len(values), num_samples, len(request)), dtype=np.float32)
-        rows_per_batch = max(1, SAMPLE_ROWS_PER_BATCH // num_samples)
-        show = progress if progress is not None else len(values) * num_samples > 1 << 20
-        model = self.model.eval()
-        with torch.no_grad(), tqdm(total=len(values), disable=not show, desc="sampling", unit="row") as bar:
-            for start in range(0, len(values), rows_per_batch):
-                batch = torch.as_tensor(values[start:start + rows_per_batch], device=self.device)
-                n = len(batch)
-                req = torch.zeros(n, len(self.targets), device=self.device)
-                req[:, request_idx] = 1
-                cond = model.condition(batch, req, backend)[:, None, :]
-                generator = torch.Generator(self.device).manual_seed(_batch_seed(seed, start))
-                noise = torch.randn(n, num_samples, len(request), generator=generator, device=self.device)
-                x0 = samplers.sample(sampler, self._denoiser(cond, request_idx), noise, schedule, steps,
-                                     generator=generator)
-                out[start:start + n] = x0.cpu().numpy()
-                bar.update(n)
-        return self.schema.denormalize(out, request).astype(np.float32)
+        z = self._sample_normalized(values, request_idx, num_samples, sampler, steps, backend, seed, progress)
+        return self.schema.denormalize(z, request).astype(np.float32)
+
+    def summarize(self, inputs, request=None, num_samples: int = 1000, *, rows_per_chunk: int = 4096,
+                  **sample_options):
+        """Posterior summaries per row as a pyarrow Table (see `summary.summarize_samples`).
+
+        Rows are sampled and summarised about `rows_per_chunk` at a time, so memory stays
+        bounded whatever the number of rows. `sample_options` go to `sample`; with the
+        same seed, the summaries are those of `sample`'s draws.
+        """
+        import pyarrow as pa
+
+        from .summary import summarize_samples
+
+        self._require_fitted()
+        request = self._request(request)
+        values = self._normalized(inputs)
+        request_idx = [self.targets.index(r) for r in request]
+        options = {"sampler": None, "steps": None, "backend": "auto", "seed": 0, "progress": None}
+        unknown = set(sample_options) - set(options)
+        if unknown:
+            raise TypeError(f"summarize() got unexpected options {sorted(unknown)}")
+        options.update(sample_options)
+        batch = _rows_per_batch(num_samples)
+        rows_per_chunk = max(1, rows_per_chunk // batch) * batch
+        tables = []
+        for start in range(0, len(values), rows_per_chunk):
+            z = self._sample_normalized(values[start:start + rows_per_chunk], request_idx, num_samples,
+                                        options["sampler"], options["steps"], options["backend"],
+                                        options["seed"], options["progress"], row_offset=start)
+            tables.append(summarize_samples(self.schema.denormalize(z, request), request))
+        return pa.concat_tables(tables)
+
+    # ------------------------------------------------------------------ densities
+    def _log_prob_normalized(self, z: torch.Tensor, cond: torch.Tensor, request_idx, **ode_options):
+        """log p(z | condition) in normalised units; z (..., n, k) against cond (n, width)."""
+        return likelihood.log_prob(self._denoiser(cond, request_idx), z, self.schedule, **ode_options)
+
+    def _values_matrix(self, values, request, n_rows) -> np.ndarray:
+        """The points to evaluate, (n_rows, k) in physical units, from an array or a table."""
+        if isinstance(values, np.ndarray) or torch.is_tensor(values):
+            matrix = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+            if matrix.shape[1] != len(request):
+                raise ValueError(f"values has {matrix.shape[1]} columns but request names {len(request)}: {request}")
+        else:
+            matrix = to_matrix(values, request, allow_extra=True, require=request, dtype=np.float64, what="values")
+        if len(matrix) != n_rows:
+            raise ValueError(f"values has {len(matrix)} rows but inputs has {n_rows}")
+        return matrix
+
+    def log_prob(self, values, inputs=None, request=None, *, method: str = "adaptive", steps: int = 32,
+                 rtol: float = 1e-5, atol: float = 1e-5, backend="auto", rows_per_chunk: int = 4096,
+                 progress=None) -> np.ndarray:
+        """Natural-log density of `values` given `inputs`, in physical units: shape (n_rows,).
+
+        values: (n_rows, len(request)) array in the order of `request`, or a table with
+        the requested names. inputs: the conditioning rows (None: nothing observed).
+        The density is exact up to the ODE solver's tolerance: the probability-flow ODE
+        with the exact divergence (see diffusion.likelihood), plus the log-Jacobian of
+        the normalisation. Rows whose values contain NaN get NaN.
+        """
+        self._require_fitted()
+        request = self._request(request)
+        if inputs is None:
+            n = len(values)
+            inputs = {c: np.full(n, np.nan) for c in self.columns}
+        cond_values = self._normalized(inputs)
+        points = self._values_matrix(values, request, len(cond_values))
+        z = self.schema.normalize(points, request)
+        request_idx = [self.targets.index(r) for r in request]
+        out = np.full(len(z), np.nan)
+        ok = ~np.isnan(z).any(1)
+        rows = np.flatnonzero(ok)
+        options = dict(method=method, steps=steps, rtol=rtol, atol=atol)
+        show = progress if progress is not None else len(rows) > 20_000
+        with tqdm(total=len(rows), disable=not show, desc="log_prob", unit="row") as bar:
+            for start in range(0, len(rows), rows_per_chunk):
+                idx = rows[start:start + rows_per_chunk]
+                cond = self._condition(cond_values[idx], request_idx, backend)
+                zt = torch.as_tensor(z[idx], device=self.device)
+                out[idx] = self._log_prob_normalized(zt, cond, request_idx, **options).cpu().numpy()
+                bar.update(len(idx))
+        return out + self.schema.log_abs_det(request)
+
+    def posterior(self, request=None, **options):
+        """An sbi-style posterior over the requested targets; see `posterior.Posterior`."""
+        from .posterior import Posterior
+
+        self._require_fitted()
+        return Posterior(self, self._request(request), **options)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> Path:
