@@ -15,7 +15,7 @@ setup(
     python_requires=">=3.10",
     package_dir={"": "python"},
     packages=find_packages("python"),
-    package_data={"densiformer": ["assets/*"]},
+    package_data={"densiformer": ["assets/hipparcos/*"]},
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",

@@ -2,25 +2,19 @@
 import json
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pytest
 
 import densiformer as dfm
 
+from conftest import small_table as _table
+
 COLUMNS, TARGETS = ["a", "b"], ["y", "z"]
 
 
-def _table(n=600, seed=0):
-    rng = np.random.default_rng(seed)
-    a, b = rng.normal(size=n), rng.normal(size=n)
-    return pd.DataFrame({"a": a, "b": b, "y": a + 0.1 * rng.normal(size=n), "z": b * 3 + 10})
-
-
-@pytest.fixture(scope="module")
-def fitted():
-    est = dfm.DensityEstimator(COLUMNS, TARGETS, dfm.ModelConfig(d_model=16, heads=2, head_width=32, head_layers=2))
-    return est.fit(_table(), epochs=1, batch_size=128, seed=0, progress=False)
+@pytest.fixture
+def fitted(tiny_estimator):
+    return tiny_estimator
 
 
 def test_sample_shape_and_units(fitted):

@@ -12,7 +12,7 @@ import numpy as np
 # magnitude and colour out. Proper motions carry distance information (reduced
 # proper motion), which separates giants from dwarfs when the parallax is absent.
 HIPPARCOS_COLUMNS = ["hpmag", "b_v", "v_i", "plx", "e_plx", "pmra", "pmdec"]
-HIPPARCOS_TARGETS = ["abs_hpmag", "b_v"]
+HIPPARCOS_TARGETS = ["abs_hpmag", "b_v", "v_i"]
 
 
 def _names(text: str) -> list[str]:
@@ -35,6 +35,15 @@ def _load_training_data(source: str):
     return source, file_columns(source)
 
 
+def argv_used(args) -> list[str]:
+    """The train command's arguments, as a reproducible command line."""
+    return [f"--data {args.data}", f"--targets {','.join(args.targets)}",
+            *( [f"--columns {','.join(args.columns)}"] if args.columns else []),
+            f"--epochs {args.epochs}", f"--batch-size {args.batch_size}", f"--lr {args.lr}", f"--seed {args.seed}",
+            f"--d-model {args.d_model}", f"--encoder-layers {args.encoder_layers}", f"--heads {args.heads}",
+            f"--head-width {args.head_width}", f"--head-layers {args.head_layers}", f"--out {args.out}"]
+
+
 def cmd_train(args) -> int:
     from . import DensityEstimator, ModelConfig
 
@@ -45,6 +54,7 @@ def cmd_train(args) -> int:
     est = DensityEstimator(columns=columns, targets=args.targets, config=config)
     est.fit(data, epochs=args.epochs, batch_size=args.batch_size, device=args.device, seed=args.seed,
             lr=args.lr, checkpoint=args.out)
+    est.training["command"] = "densiformer train " + " ".join(argv_used(args))
     est.save(args.out)
     h = est.history
     print(f"trained in {h.seconds:.1f} s; validation loss by epoch: "

@@ -74,6 +74,7 @@ class DensityEstimator:
         self.schema: ColumnSchema | None = None
         self.model: DensityModel | None = None
         self.history = None
+        self.training = None  # how fit() was called, saved with the model as provenance
         self.device = torch.device("cpu")
 
     # ------------------------------------------------------------------ data
@@ -119,6 +120,9 @@ class DensityEstimator:
         if epochs < 1 or batch_size < 1:
             raise ValueError(f"epochs and batch_size must be positive, got {epochs}, {batch_size}")
         self.device = resolve_device(device)
+        self.training = {"data": str(data) if _is_path(data) else type(data).__name__, "epochs": epochs,
+                         "batch_size": batch_size, "seed": seed, "lr": lr, "weight_decay": weight_decay,
+                         "ema_decay": ema_decay, "val_fraction": val_fraction if val_data is None else None}
         matrix = self._read(data, "fit data", allow_extra=True)
         missing = [n for j, n in enumerate(self.all_columns) if np.isnan(matrix[:, j]).all()]
         if missing:
@@ -331,6 +335,7 @@ class DensityEstimator:
             "config": self.config.to_dict(),
             "schema": self.schema.to_dict(),
             "history": None if self.history is None else self.history.to_dict(),
+            "training": self.training,
         }
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         save_file(tensors, str(path / "model.safetensors.tmp"), metadata={"format": FORMAT})
@@ -378,6 +383,7 @@ class DensityEstimator:
         est.device = resolve_device(device)
         est.model = model.to(est.device).eval()
         est.history = TrainingHistory(**meta["history"]) if meta.get("history") else None
+        est.training = meta.get("training")
         return est
 
     def __repr__(self):

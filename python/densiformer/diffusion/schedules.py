@@ -89,15 +89,17 @@ class DiscreteDDPMSchedule(Schedule):
         pos = t.to(torch.float64).clamp(0, 1) * self.num_steps
         i = pos.floor().clamp(max=self.num_steps - 1).long()
         w = pos - i
-        lam = self.knots_lam[i] * (1 - w) + self.knots_lam[i + 1] * w
+        knots = self.knots_lam.to(t.device)  # the knots live on the CPU; t may not
+        lam = knots[i] * (1 - w) + knots[i + 1] * w
         return lam.to(t.dtype if t.is_floating_point() else torch.float64)
 
     def time(self, log_snr):
         log_snr = torch.as_tensor(log_snr)
         lam = log_snr.to(torch.float64)
+        knots = self.knots_lam.to(lam.device)
         # knots_lam is decreasing; search on the negated, increasing sequence
-        i = torch.searchsorted(-self.knots_lam, -lam).clamp(1, self.num_steps) - 1
-        lo, hi = self.knots_lam[i], self.knots_lam[i + 1]
+        i = torch.searchsorted(-knots, -lam).clamp(1, self.num_steps) - 1
+        lo, hi = knots[i], knots[i + 1]
         w = (lo - lam) / (lo - hi)
         t = (i + w) / self.num_steps
         return t.clamp(0, 1).to(log_snr.dtype if log_snr.is_floating_point() else torch.float64)
