@@ -41,13 +41,14 @@ def test_too_narrow_model_under_covers():
 
 
 def test_ties_are_split_at_random():
-    """Discrete samples: the randomised PIT of a calibrated model is still uniform."""
+    """Discrete samples (three values): the randomised PIT of a calibrated model is still uniform."""
     rng = np.random.default_rng(2)
-    p = rng.uniform(0.2, 0.8, size=(ROWS, 1))
-    samples = rng.binomial(3, p[:, None], size=(ROWS, 200, 1)).astype(float)
-    truth = rng.binomial(3, p).astype(float)
-    assert stats.kstest(pit(samples, truth)[:, 0], "uniform").pvalue > 1e-3
-    np.testing.assert_array_equal(pit(samples, truth, seed=5), pit(samples, truth, seed=5))
+    samples = rng.binomial(2, 0.3, size=(ROWS, 200, 1)).astype(float)
+    truth = rng.binomial(2, 0.3, size=(ROWS, 1)).astype(float)
+    u = pit(samples, truth, seed=5)
+    assert stats.kstest(u[:, 0], "uniform").pvalue > 1e-3
+    np.testing.assert_array_equal(u, pit(samples, truth, seed=5))
+    assert not np.array_equal(u, pit(samples, truth, seed=6))
 
 
 def test_nan_truth_is_left_out():

@@ -17,7 +17,7 @@ import torch
 from densiformer.diffusion.likelihood import _velocity_and_divergence, log_prob, probability_flow
 from densiformer.diffusion.samplers import sample_dpmpp_2m
 from densiformer.diffusion.schedules import CosineSchedule, DiscreteDDPMSchedule
-from test_samplers import MIXTURE, SCHEDULE_IDS, SCHEDULES, GaussianTarget, standard_normal_log_prob
+from analytic import MIXTURE, SCHEDULE_IDS, SCHEDULES, GaussianTarget, standard_normal_log_prob
 
 # RK4 steps for 1e-3 nats (measured max errors: Gaussians 3e-4 at 24 steps, 1.6e-3 at 16;
 # the mixture's far tail, 10 std from a mode, 5e-4 at 48 steps, 2.6e-3 at 32).

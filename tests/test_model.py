@@ -1,5 +1,4 @@
 """The network: masking, set invariance, and that requested targets never leak into the inputs."""
-import numpy as np
 import pytest
 import torch
 

@@ -6,7 +6,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 # The default Hipparcos model: photometry, parallax and proper motions in, absolute
 # magnitude and colour out. Proper motions carry distance information (reduced
@@ -75,34 +74,39 @@ def _demo_stars(test):
 
 def cmd_demo(args) -> int:
     from . import DensityEstimator, ModelConfig
+    from .assets import default_model
     from .datasets import hipparcos
 
     out = Path(args.out)
-    model_dir = out / "model"
     started = time.perf_counter()
-    if (model_dir / "config.json").is_file() and not args.retrain:
-        print(f"using the model in {model_dir} (pass --retrain to train a new one)")
-        est = DensityEstimator.load(model_dir)
-    else:
-        print("training a small model on the Hipparcos training split ...")
+    if args.train:
+        model_dir = out / "model"
+        print(f"training a small model on the Hipparcos training split ({args.epochs} epochs) ...")
         est = DensityEstimator(HIPPARCOS_COLUMNS, HIPPARCOS_TARGETS, ModelConfig())
         est.fit(hipparcos("train"), epochs=args.epochs, batch_size=512, seed=0, checkpoint=model_dir)
         est.save(model_dir)
         print(f"trained in {est.history.seconds:.0f} s, validation loss "
-              f"{est.history.val_loss[0]:.3f} -> {est.history.val_loss[-1]:.3f}")
+              f"{est.history.val_loss[0]:.3f} -> {est.history.val_loss[-1]:.3f}; model in {model_dir}")
+    else:
+        est = default_model()
+        print(f"using the bundled Hipparcos model (trained by: {est.training['command']})")
 
     stars = _demo_stars(hipparcos("test"))
-    # Colours and proper motions only: the parallax is withheld, so the model must
-    # infer the absolute magnitude (and whether a red star is a giant or a dwarf).
+    # Colours, magnitude and proper motions only: the parallax is withheld, so the model
+    # must infer the absolute magnitude, and whether a red star is a giant or a dwarf.
     inputs = stars[["b_v", "v_i", "hpmag", "pmra", "pmdec"]]
     samples = est.sample(inputs, request=["abs_hpmag"], num_samples=args.num_samples, seed=0)[..., 0]
-    lo, med, hi = np.percentile(samples, [16, 50, 84], axis=1)
+    summary = est.summarize(inputs, request=["abs_hpmag"], num_samples=args.num_samples, seed=0).to_pandas()
     giant = (samples < 3.5).mean(1)
-    print("\nM_Hp posterior without parallax (given B-V, V-I, Hp, proper motion):")
-    print(f"{'HIP':>7} {'B-V':>6} {'M_Hp cat':>9} {'median':>7} {'16%':>6} {'84%':>6} {'P(giant)':>9}")
-    for (_, star), a, b, c, g in zip(stars.iterrows(), lo, med, hi, giant):
-        print(f"{int(star.hip):>7} {star.b_v:>6.2f} {star.abs_hpmag:>9.2f} {b:>7.2f} {a:>6.2f} {c:>6.2f} {g:>9.2f}")
-    print(f"\nmodel: {model_dir}   ({time.perf_counter() - started:.0f} s in all)")
+    print("\nM_Hp posterior without the parallax (given B-V, V-I, Hp and proper motion):")
+    print(f"{'HIP':>7} {'B-V':>6} {'M_Hp cat':>9} {'median':>7} {'16%':>6} {'84%':>6} {'modes':>6} {'P(giant)':>9}")
+    for (_, star), (_, s), g in zip(stars.iterrows(), summary.iterrows(), giant):
+        print(f"{int(star.hip):>7} {star.b_v:>6.2f} {star.abs_hpmag:>9.2f} {s.abs_hpmag_median:>7.2f} "
+              f"{s.abs_hpmag_q16:>6.2f} {s.abs_hpmag_q84:>6.2f} {int(s.abs_hpmag_n_modes):>6} {g:>9.2f}")
+    out.mkdir(parents=True, exist_ok=True)
+    summary.insert(0, "hip", stars.hip.to_numpy())
+    summary.to_parquet(out / "summaries.parquet")
+    print(f"\nsummaries written to {out / 'summaries.parquet'} ({time.perf_counter() - started:.0f} s in all)")
     return 0
 
 
@@ -110,11 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="densiformer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="train on the bundled Hipparcos data and print posterior summaries")
+    demo = sub.add_parser("demo", help="posterior summaries for Hipparcos stars with the bundled model")
     demo.add_argument("--out", default="densiformer_demo", help="output directory (default: %(default)s)")
-    demo.add_argument("--epochs", type=int, default=8)
     demo.add_argument("--num-samples", type=int, default=1000)
-    demo.add_argument("--retrain", action="store_true", help="train even if --out already holds a model")
+    demo.add_argument("--train", action="store_true",
+                      help="train a fresh small model on the Hipparcos training split instead")
+    demo.add_argument("--epochs", type=int, default=8, help="epochs for --train (default: %(default)s)")
     demo.set_defaults(func=cmd_demo)
 
     tr = sub.add_parser("train", help="train a model and save it to a directory")

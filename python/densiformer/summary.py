@@ -57,6 +57,7 @@ _BINS = 128                                  # histogram bins between the _TAIL 
 _TAIL = 0.005
 _PAD = 64                                    # empty bins on each side of the grid
 _BANDWIDTH = 0.6                             # x min(std, IQR/1.34) n^-1/5: 2/3 of Silverman's 0.9
+_ADAPT = 0.5                                  # local width ~ pilot^-_ADAPT (Abramson: 1/2)
 _LEVELS = 2.0 ** np.arange(-1.0, 2.5, 0.5)   # local bandwidths, in units of the global one
 _MIN_HEIGHT = 0.05                           # of the row's highest peak
 _MAX_DIP = 0.8                               # of the lower peak's height
@@ -121,7 +122,7 @@ def _count_modes(x: np.ndarray) -> np.ndarray:
     pilot = np.maximum(_smooth(hist, h), 1e-9)
     log_ratio = np.log(pilot) - ((hist * np.log(pilot)).sum(1) / hist.sum(1))[:, None]
     # position of -log2(pilot / geometric mean) / 2 on _LEVELS, clipped to its ends
-    level = np.clip((-0.5 * log_ratio / np.log(2) + 1) * 2, 0, len(_LEVELS) - 1)
+    level = np.clip((-_ADAPT * log_ratio / np.log(2) + 1) * 2, 0, len(_LEVELS) - 1)
     spectrum = 0.0
     width = np.zeros_like(hist)
     for i, factor in enumerate(_LEVELS):
