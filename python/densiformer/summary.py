@@ -58,9 +58,9 @@ _TAIL = 0.005
 _PAD = 64                                    # empty bins on each side of the grid
 _BANDWIDTH = 0.6                             # x min(std, IQR/1.34) n^-1/5: 2/3 of Silverman's 0.9
 _ADAPT = 0.5                                  # local width ~ pilot^-_ADAPT (Abramson: 1/2)
-_LEVELS = 2.0 ** np.arange(-1.0, 2.5, 0.5)   # local bandwidths, in units of the global one
+_OCTAVES = np.arange(0.0, 2.5, 0.5)           # local bandwidths: log2 of their factor on the pilot's
 _MIN_HEIGHT = 0.05                           # of the row's highest peak
-_MAX_DIP = 0.8                               # of the lower peak's height
+_MAX_DIP = 0.7                               # of the lower peak's height
 _Z = 2.25                                    # standard errors of the smoothed counts
 _ROWS_PER_CHUNK = 2048                       # bounds the temporaries (about 20 arrays of rows x 256)
 
@@ -121,12 +121,12 @@ def _count_modes(x: np.ndarray) -> np.ndarray:
     h = np.maximum(_BANDWIDTH * scale * m ** -0.2 / bin_width, 1.0)  # in bins
     pilot = np.maximum(_smooth(hist, h), 1e-9)
     log_ratio = np.log(pilot) - ((hist * np.log(pilot)).sum(1) / hist.sum(1))[:, None]
-    # position of -log2(pilot / geometric mean) / 2 on _LEVELS, clipped to its ends
-    level = np.clip((-_ADAPT * log_ratio / np.log(2) + 1) * 2, 0, len(_LEVELS) - 1)
+    octave = -_ADAPT * log_ratio / np.log(2)  # log2 of each bin's bandwidth factor
+    level = np.clip((octave - _OCTAVES[0]) / (_OCTAVES[1] - _OCTAVES[0]), 0, len(_OCTAVES) - 1)
     spectrum = 0.0
     width = np.zeros_like(hist)
-    for i, factor in enumerate(_LEVELS):
-        weight = np.maximum(0.0, 1 - np.abs(level - i))
+    for i, factor in enumerate(2.0 ** _OCTAVES):
+        weight = np.maximum(0.0, 1 - np.abs(level - i))  # linear blend of the two nearest widths
         spectrum = spectrum + np.fft.rfft(weight * hist) * _gaussian_filter(h * factor, hist.shape[1])
         width += weight * factor
     dens = np.maximum(np.fft.irfft(spectrum, n=hist.shape[1]), 0.0)

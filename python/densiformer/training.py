@@ -59,7 +59,13 @@ def random_task(values: torch.Tensor, target_columns: torch.Tensor, generator: t
 
 
 def diffusion_loss(model, schedule: Schedule, values, target_columns, generator, backend="auto"):
-    """Mean squared noise-prediction error over requested targets (per-row mean, then batch mean)."""
+    """Mean squared error of the head's v prediction over requested targets.
+
+    v = alpha eps - sigma x0 (see model/head.py); the per-row mean over requested
+    targets, then the mean over rows. In terms of the noise prediction this is the
+    noise MSE weighted by 1 / alpha^2, which demands the accuracy the samplers need
+    near the noise end.
+    """
     request, inputs, weight = random_task(values, target_columns, generator)
     N = values.shape[0]
     # Stratified times: one uniform offset, evenly spread, cut the loss variance.
@@ -73,8 +79,9 @@ def diffusion_loss(model, schedule: Schedule, values, target_columns, generator,
     noise = torch.randn(x0.shape, generator=generator, device=values.device, dtype=values.dtype) * req
     xt = alpha * x0 + sigma * noise
     cond = model.condition(inputs, req, backend)
-    eps = model(xt, log_snr, cond, req)
-    per_row = ((eps.float() - noise.float()) ** 2).sum(1) / req.sum(1).clamp(min=1)
+    v_hat = model.head.predict_v(xt, log_snr, cond, req)
+    v = alpha * noise - sigma * x0
+    per_row = ((v_hat.float() - v.float()) ** 2).sum(1) / req.sum(1).clamp(min=1)
     return (per_row * weight).sum() / weight.sum().clamp(min=1)
 
 
