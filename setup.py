@@ -1,9 +1,62 @@
 """Build and install densiformer.
 
-The Python package lives under python/. Native kernels (csrc/) are added by the
-kernel issues; until then this is a pure-Python package.
+The Python package lives under python/. The native kernels in csrc/ are built by
+CMakeLists.txt into densiformer._C (C++ CPU kernels, always), and later
+densiformer._C_cuda (CUDA; where nvcc is found). DENSIFORMER_CUDA=1 makes a missing
+nvcc an error, DENSIFORMER_CUDA=0 skips CUDA, unset decides by whether nvcc is found.
+Both `pip install -e .` and `pip install .` work; pybind11 and cmake come from
+pyproject.toml's build requirements.
 """
-from setuptools import find_packages, setup
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).parent.resolve()
+
+
+class CMakeExtension(Extension):
+    """An extension module that CMakeLists.txt builds (its CMake target is the last name part)."""
+
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    """Configure and build CMakeLists.txt, then put each module where setuptools expects it."""
+
+    def build_extension(self, ext):
+        import pybind11
+
+        cuda = {"": "AUTO", "0": "OFF", "1": "ON"}.get(os.environ.get("DENSIFORMER_CUDA", ""))
+        if cuda is None:
+            raise RuntimeError(f"DENSIFORMER_CUDA must be 0, 1 or unset; got {os.environ['DENSIFORMER_CUDA']!r}")
+        cmake = shutil.which("cmake")
+        if cmake is None:
+            raise RuntimeError("building densiformer needs cmake >= 3.18 on PATH (pip install cmake)")
+        target = Path(self.get_ext_fullpath(ext.name)).resolve()
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        subprocess.run([
+            cmake, "-S", str(ROOT), "-B", str(build_dir),
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DDENSIFORMER_CUDA={cuda}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={build_dir / 'modules'}",
+        ], check=True)
+        target_name = ext.name.rsplit(".", 1)[-1]
+        subprocess.run([cmake, "--build", str(build_dir), "--target", target_name, "--parallel",
+                        str(os.cpu_count() or 1)], check=True)
+        built = build_dir / "modules" / target.name
+        if not built.exists():
+            raise RuntimeError(f"cmake did not produce {built}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(built, target)
+
 
 setup(
     name="densiformer",
@@ -32,4 +85,6 @@ setup(
         "ray": ["ray[data]>=2.9"],
     },
     entry_points={"console_scripts": ["densiformer=densiformer.cli:main"]},
+    ext_modules=[CMakeExtension("densiformer._C")],
+    cmdclass={"build_ext": CMakeBuild},
 )

@@ -102,6 +102,20 @@ def test_count_modes_rates(case, num_samples):
     assert rate >= MIN_RATE, f"{case}: {rate:.3f} right; counts {np.bincount(counts).tolist()}"
 
 
+ONE_MODE_AT_5000 = {
+    "uniform": lambda rng, s: rng.uniform(size=s),
+    "shoulder": lambda rng, s: _mixture(rng, s, [0.0, 2.5], [0.7, 0.3]),
+    "flat_top": lambda rng, s: _mixture(rng, s, [-1.2, 1.2], [0.5, 0.5]),  # dip at 0.92 of the peaks
+}
+
+
+@pytest.mark.parametrize("case", list(ONE_MODE_AT_5000))
+def test_count_modes_flat_tops_and_shoulders_are_one_mode(case):
+    """With many samples noise is small, and the prominence rule decides."""
+    counts = count_modes(ONE_MODE_AT_5000[case](np.random.default_rng(5), (ROWS, 5000)))
+    assert np.mean(counts == 1) >= MIN_RATE, f"{case}: counts {np.bincount(counts).tolist()}"
+
+
 def test_count_modes_degenerate_rows():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(6, 100))

@@ -39,66 +39,66 @@ def summarize_samples(samples, names) -> pa.Table:
                          f"got shape {samples.shape}")
     if samples.shape[1] == 0:
         raise ValueError("samples must hold at least one sample per row")
-    num_samples = samples.shape[1]
-    percentiles = np.percentile(samples, list(PERCENTILES.values()), axis=1)  # (5, n_rows, k)
-    stats = dict(zip(PERCENTILES, percentiles))
-    stats["mean"] = samples.mean(axis=1)
-    stats["std"] = samples.std(axis=1, ddof=1 if num_samples > 1 else 0)
-    stats["mad_std"] = MAD_TO_STD * np.median(np.abs(samples - stats["median"][:, None]), axis=1)
-    columns = []
-    for j in range(len(names)):
-        n_modes = count_modes(samples[:, :, j])
-        columns += [n_modes if stat == "n_modes" else stats[stat][:, j] for stat in STATISTICS]
+    n_rows, num_samples, k = samples.shape
+    x = np.ascontiguousarray(np.moveaxis(samples, 2, 0))  # (k, n_rows, num_samples): rows contiguous
+    stats = dict(zip(PERCENTILES, np.percentile(x, list(PERCENTILES.values()), axis=-1)))
+    stats["mean"] = x.mean(axis=-1)
+    stats["std"] = x.std(axis=-1, ddof=1 if num_samples > 1 else 0)
+    stats["mad_std"] = MAD_TO_STD * np.median(np.abs(x - stats["median"][..., None]), axis=-1)
+    stats["n_modes"] = np.array([count_modes(column) for column in x], np.int32).reshape(k, n_rows)
+    columns = [stats[stat][j] for j in range(k) for stat in STATISTICS]
     return pa.Table.from_arrays(columns, schema=summary_schema(names))
 
 
-# count_modes' rule; the docstring says why each value.
-_BINS = 128                                  # histogram bins between the _TAIL quantiles
+# count_modes' rule; its docstring says why each value.
+_BINS = 128                          # histogram bins between the _TAIL quantiles
 _TAIL = 0.005
-_PAD = 64                                    # empty bins on each side of the grid
-_BANDWIDTH = 0.6                             # x min(std, IQR/1.34) n^-1/5: 2/3 of Silverman's 0.9
-_ADAPT = 0.5                                  # local width ~ pilot^-_ADAPT (Abramson: 1/2)
-_OCTAVES = np.arange(0.0, 2.5, 0.5)           # local bandwidths: log2 of their factor on the pilot's
-_MIN_HEIGHT = 0.05                           # of the row's highest peak
-_MAX_DIP = 0.7                               # of the lower peak's height
-_Z = 2.25                                    # standard errors of the smoothed counts
-_ROWS_PER_CHUNK = 2048                       # bounds the temporaries (about 20 arrays of rows x 256)
+_PAD = 64                            # empty bins on each side, so smoothing spills into zeros
+_BANDWIDTH = 0.6                     # pilot width / (min(std, IQR/1.34) n^-1/5)
+_ADAPT = 0.5                         # local width ~ pilot^-_ADAPT (Abramson's square-root law)
+_OCTAVES = np.arange(0.0, 2.5, 0.5)  # log2 of the local widths' factors on the pilot's
+_MIN_HEIGHT = 0.05                   # of the row's highest peak
+_MAX_DIP = 0.7                       # of the peak on either side of a dip
+_Z = 2.25                            # standard errors of the smoothed counts
+_ROWS_PER_CHUNK = 2048               # bounds the temporaries (about 20 arrays of rows x 256)
 
 
 def count_modes(samples) -> np.ndarray:
     """Number of modes of each row's sample distribution: samples (n_rows, num_samples) -> int32 (n_rows,).
 
-    The rule, all of it vectorised over rows:
+    The rule, vectorised over rows (the only Python loops run over bandwidths and bins):
 
     1. Histogram each row on 128 bins between its 0.5% and 99.5% quantiles (the
        extreme 1% of a heavy tail would otherwise take most of the grid).
-    2. Smooth it with Abramson's adaptive kernel: a Gaussian pilot of width
-       0.6 min(std, IQR/1.34) n^-1/5 (2/3 of Silverman's robust rule of thumb), then a width per sample
-       of that times (pilot / its geometric mean)^-1/2, from 1/2 to 4 x (seven widths
-       half an octave apart, blended linearly). Silverman's rule alone smooths three
-       separated components into two, and leaves sparse tails (lognormal, Student t)
-       rough enough to show spurious bumps; the adaptive widths are narrow where samples
-       are dense and wide in the tails, which fixes both.
-    3. Walk each curve once with hysteresis: a peak counts when the curve falls from it
-       to a dip before it rises again to a peak, where the dip must be
-       - at most 0.8 x the peak's height on both sides (the prominence rule: a shoulder
-         or a shallow wiggle is not a mode), and
-       - at least 2.25 standard errors below it, with Poisson errors of the smoothed
-         counts (var = count / (2 sqrt(pi) h) for a Gaussian kernel of h bins), so
-         that with few samples only dips that noise cannot make count;
-       and the peak must be at least 5% as high as the row's highest (negligible bumps
-       do not count).
+    2. Smooth it with a Gaussian kernel, adaptive in the tails. The pilot's width is
+       0.6 min(std, IQR/1.34) n^-1/5, 2/3 of Silverman's robust rule: the full rule
+       smooths three components 6 sigma apart into two at 200 samples. Where the pilot
+       is below its geometric mean over the samples, the samples' kernels widen by
+       (pilot / geometric mean)^-1/2 (Abramson's square-root law), up to 4x, in
+       half-octave steps blended linearly: otherwise the sparse tails of lognormal or
+       Student t samples show bumps.
+    3. Walk each curve once with hysteresis, looking for a peak and a dip in turn: a
+       peak is confirmed once the curve has fallen from it far enough, a dip once the
+       curve has risen from it far enough. Far enough means both
+       - to 0.7 x the higher end or below (a prominence rule: shoulders, flat tops and
+         shallow wiggles are not modes), and
+       - by at least 2.25 standard errors of the difference, with Poisson errors of
+         the smoothed counts (var = count / (2 sqrt(pi) h) for a kernel of h bins),
+         so that with few samples only dips that noise is unlikely to make count.
+       A confirmed peak counts if it is at least 5% as high as the row's highest.
 
-    The parameters were tuned on 2000 rows each of normal, lognormal (sigma 1, 1.5),
-    Student t (2 and 3 dof), exponential and gamma(2) samples (1 mode); N(-3,1)/N(3,1)
-    mixtures with weights 0.5/0.5 to 0.15/0.85 and N(-2,1)/N(2,1) (2 modes);
-    N(-6,1)/N(0,1)/N(6,1) and N(-5,1)/N(0,1)/N(5,1) (3 modes), at 200 to 5000 samples
-    per row: each case is right in at least 99.5% of rows (99.2% for three components
-    weighted 0.2/0.3/0.5), and 2-sigma-apart shoulders count as one mode. Errors
-    concentrate at 200 samples, where a component of 30 samples is near the noise.
+    Measured on 2000 rows per case and per num_samples in 200, 500, 1000, 2000, 5000,
+    the share of rows counted right is at least 99.6% for: normal, lognormal (sigma
+    1 and 1.5), Student t (2 and 3 dof), exponential, gamma(2), and 0.8 N(0,1) + 0.2
+    N(2,1) (1 mode); N(-3,1)/N(3,1) with weights 0.5/0.5 to 0.15/0.85, N(-2,1)/N(2,1),
+    and 0.4 N(-3,0.5) + 0.6 N(3,1.5) (2 modes); N(-6,1)/N(0,1)/N(6,1) equally
+    weighted and N(-5,1)/N(0,1)/N(5,1) (3 modes). Misses are at 200 samples, where a
+    component of 30 samples is near the noise; three components weighted 0.2/0.3/0.5
+    reach 99.1% there. Flat-topped distributions are the weak case: uniform samples
+    give 1 mode in 92% of rows at 200 samples, 98% at 1000, 100% at 5000.
 
-    A row with fewer than 1% distinct central values (a constant row) has 1 mode, a
-    row with a non-finite sample 0, any other at least 1.
+    A row whose 0.5% and 99.5% quantiles coincide (a constant row) has 1 mode, a row
+    with a non-finite sample 0, any other at least 1.
     """
     x = np.asarray(samples, dtype=np.float64)
     if x.ndim != 2:
@@ -116,13 +116,13 @@ def _count_modes(x: np.ndarray) -> np.ndarray:
     bin_width = np.where(spread, hi - lo, 1.0) / _BINS
     hist = _histogram(x, lo, bin_width)
 
-    n_rows, m = x.shape
     scale = np.minimum(x.std(axis=1), (q75 - q25) / 1.34)
-    h = np.maximum(_BANDWIDTH * scale * m ** -0.2 / bin_width, 1.0)  # in bins
+    h = np.maximum(_BANDWIDTH * scale * x.shape[1] ** -0.2 / bin_width, 1.0)  # in bins
     pilot = np.maximum(_smooth(hist, h), 1e-9)
     log_ratio = np.log(pilot) - ((hist * np.log(pilot)).sum(1) / hist.sum(1))[:, None]
     octave = -_ADAPT * log_ratio / np.log(2)  # log2 of each bin's bandwidth factor
     level = np.clip((octave - _OCTAVES[0]) / (_OCTAVES[1] - _OCTAVES[0]), 0, len(_OCTAVES) - 1)
+    # smoothing is linear: blend the widths' spectra, then one inverse transform
     spectrum = 0.0
     width = np.zeros_like(hist)
     for i, factor in enumerate(2.0 ** _OCTAVES):

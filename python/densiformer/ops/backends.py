@@ -3,9 +3,15 @@
 Every op has a pure-PyTorch reference (`torch`). Compiled backends are added per op
 as they are written; `IMPLEMENTED` lists them. Naming a backend that is missing
 raises an error that says why; nothing falls back silently.
+
+The C++ extension densiformer._C is imported on first use, never at package import,
+so `import densiformer` works (and builds nothing) where it was not compiled.
 """
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
 import os
 
 import torch
@@ -15,13 +21,32 @@ BACKENDS = ("torch", "cpu", "triton", "cuda")
 # op name -> backends that have a kernel for it, fastest first.
 IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "masked_attention": ("torch",),
+    "head_sample_loop": ("cpu", "triton", "torch"),
 }
 
 
-def _triton_status():
+@functools.cache
+def _import_cpu_extension():
+    """(module, None) or (None, why it cannot be imported)."""
     try:
-        import triton  # noqa: F401
-    except ImportError:
+        return importlib.import_module("densiformer._C"), None
+    except ImportError as err:
+        return None, (f"the C++ extension densiformer._C is not built or does not load ({err}); "
+                      "rebuild it with `pip install -e .` in the repository")
+
+
+def cpu_extension():
+    """The densiformer._C module; RuntimeError saying how to rebuild it if it is missing."""
+    module, why = _import_cpu_extension()
+    if module is None:
+        raise RuntimeError(why)
+    return module
+
+
+def _triton_status():
+    # find_spec, not import: importing triton is slow, and it must happen after
+    # TRITON_INTERPRET is set for the interpreter to take over its kernels.
+    if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         return True
@@ -32,11 +57,22 @@ def available_backends() -> dict[str, object]:
     """{backend: True or the reason it cannot run here}."""
     return {
         "torch": True,
-        "cpu": "the C++ CPU extension densiformer._C is not built yet (issue #4)",
+        "cpu": _import_cpu_extension()[1] or True,
         "triton": _triton_status(),
         "cuda": ("no CUDA GPU visible to torch" if not torch.cuda.is_available()
-                 else "the CUDA extension densiformer._C_cuda is not built yet (issue #4)"),
+                 else "no CUDA kernels are written yet (issue #4 GPU part)"),
     }
+
+
+def _device_problem(backend: str, device: torch.device) -> str | None:
+    """Why `backend` cannot take tensors on `device`, or None if it can."""
+    if backend == "cpu" and device.type != "cpu":
+        return f"the cpu backend takes CPU tensors, got {device}"
+    if backend == "cuda" and device.type != "cuda":
+        return f"the cuda backend takes CUDA tensors, got {device}"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"the triton backend takes CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), got {device}"
+    return None
 
 
 def resolve_backend(op: str, backend: str, device: torch.device) -> str:
@@ -46,12 +82,17 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     implemented = IMPLEMENTED[op]
     status = available_backends()
     if backend == "auto":
+        # Never the Triton interpreter: on CPU tensors it is far slower than the reference.
         for name in implemented:
-            if status[name] is True and (name != "cuda" or device.type == "cuda"):
+            if (status[name] is True and _device_problem(name, device) is None
+                    and not (name == "triton" and device.type != "cuda")):
                 return name
         return "torch"
     if status[backend] is not True:
         raise RuntimeError(f"backend {backend!r} is unavailable for {op}: {status[backend]}")
     if backend not in implemented:
         raise RuntimeError(f"backend {backend!r} has no {op} kernel yet; implemented: {list(implemented)}")
+    problem = _device_problem(backend, device)
+    if problem is not None:
+        raise RuntimeError(f"backend {backend!r} cannot run {op} here: {problem}")
     return backend
