@@ -15,17 +15,19 @@ and the context projection recomputed at every step, in torch eager.
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import densiformer as dfm
 from densiformer.diffusion import samplers
-from densiformer.estimator import PAPER_DDPM_SCHEDULE
+from densiformer.estimator import DEFAULT_SAMPLER, DEFAULT_STEPS, PAPER_DDPM_SCHEDULE
 from densiformer.two_sample import c2st
 
-from common import best_time, device_info, write_result
+from common import RESULTS, best_time, device_info, write_result
 
 LABELS = ["abs_hpmag", "b_v", "v_i"]
 # Two kinds of request. Without the parallax the posteriors are broad (and bimodal for
@@ -127,7 +129,10 @@ def speed(est, best, n_stars, num_samples):
     t_paper = best_time(lambda: paper_way(est, values, num_samples), repeats=1)
     results["paper_way"] = {"seconds": t_paper, "samples_per_s": n_stars * num_samples / t_paper}
     print(f"paper way (3 x 1 label, ddpm 120, projection per step): {t_paper:.2f} s")
-    for name, steps in [("ddpm", 120)] + sorted(best.items()):
+    configs = [("ddpm", 120)] + sorted(best.items())
+    default = (DEFAULT_SAMPLER, DEFAULT_STEPS[DEFAULT_SAMPLER])
+    configs += [default] if default not in configs else []
+    for name, steps in configs:
         t = best_time(lambda: est.sample(stars, request=LABELS, num_samples=num_samples, sampler=name,
                                          steps=steps, progress=False), repeats=2)
         results[f"{name}@{steps}"] = {"seconds": t, "samples_per_s": n_stars * num_samples / t,
@@ -143,15 +148,20 @@ def main():
     parser.add_argument("--quality-stars", type=int, default=1500)
     parser.add_argument("--speed-stars", type=int, default=16)
     parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--speed-only", action="store_true",
+                        help="re-time only, taking the quality results from the existing results file")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.manual_seed(0)
     est = load_model(args.model)
     started = time.perf_counter()
-    rows = []
-    for request, inputs in REQUESTS.items():
-        print(f"request: {LABELS} given {inputs}")
-        rows += [{"request": request, **row} for row in quality_sweep(est, inputs, args.quality_stars)]
+    if args.speed_only:
+        rows = json.loads((Path(args.out) if args.out else RESULTS / "samplers.json").read_text())["quality"]
+    else:
+        rows = []
+        for request, inputs in REQUESTS.items():
+            print(f"request: {LABELS} given {inputs}")
+            rows += [{"request": request, **row} for row in quality_sweep(est, inputs, args.quality_stars)]
     best = matched_steps(rows)
     print(f"quality-matched steps (C2ST <= {PASS}): {best}")
     timing = speed(est, best, args.speed_stars, args.num_samples)

@@ -2,6 +2,7 @@
 // e.g. tensor.data_ptr()) and sizes, so the module does not link against libtorch;
 // the Python wrappers in python/densiformer/ops/ validate the tensors first.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <array>
 #include <cstdint>

@@ -26,7 +26,7 @@ from analytic import (GAUSSIAN, MIXTURE, SCHEDULE_IDS, SCHEDULES, x0_hat)
 # (The Gaussian test leaves ddpm to test_ddpm_chain_converges_to_the_target, which is exact.)
 CONVERGED = {"ddpm": 600, "ddim": 400, "heun": 80, "dpmpp2m": 50}
 N = 20000
-GRID_KINDS = {"ddpm": "time", "ddim": "time", "heun": "karras", "dpmpp2m": "log_snr"}
+GRID_KINDS = {"ddpm": "time", "ddim": "time", "heun": "karras", "dpmpp2m": "time"}
 
 
 def draw(name, target, schedule, steps, k=1):

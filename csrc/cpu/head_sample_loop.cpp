@@ -14,6 +14,8 @@
 // `#pragma GCC target`: AVX-512 (16 lanes), AVX2+FMA (8) and a generic 4-lane path.
 // The path is picked at run time with __builtin_cpu_supports, so the module runs on
 // any x86-64-v2 CPU. DENSIFORMER_CPU_ISA=avx512|avx2|generic forces one (tests use it).
+// (Clang ignores `#pragma GCC target`: it builds all three for the baseline, correct
+// but slower. The supported compiler is GCC.)
 #include "head_sample_loop.h"
 
 #include <algorithm>
@@ -38,7 +40,7 @@
 namespace densiformer {
 namespace {
 
-constexpr int kTileRows = 48;  // multiple of kMR
+constexpr int kTileRows = 48;  // a multiple of kMR; 96 measured no faster, and 48 splits small jobs finer
 constexpr int kMR = 6;         // rows of the register micro-tile
 
 struct FreeDeleter {
@@ -97,15 +99,17 @@ struct Plan {
 // One thread's tile state.
 struct Workspace {
   FloatBuffer h, tmp;       // (kTileRows, Wp) activations, ping-pong between layers
-  FloatBuffer x, x0, eps;   // (kTileRows, K): sampler state, previous x0_hat, head output
+  FloatBuffer cond;         // (kTileRows, Wp) each sample row's conditioning, zero-padded
+  FloatBuffer x, x0, v;     // (kTileRows, K): sampler state, previous x0_hat, MLP output
   std::vector<float> noise;  // (K)
 
   explicit Workspace(const Plan& plan)
       : h(zeros(size_t(kTileRows) * plan.Wp)),
         tmp(zeros(size_t(kTileRows) * plan.Wp)),
+        cond(zeros(size_t(kTileRows) * plan.Wp)),
         x(zeros(size_t(kTileRows) * plan.a->K)),
         x0(zeros(size_t(kTileRows) * plan.a->K)),
-        eps(zeros(size_t(kTileRows) * plan.a->K)),
+        v(zeros(size_t(kTileRows) * plan.a->K)),
         noise(plan.a->K) {}
 };
 
@@ -130,7 +134,7 @@ constexpr int V = 8, NR = 2;  // 6 x 16 micro-tile: 12 of the 16 ymm registers a
 #endif
 
 namespace generic {
-constexpr int V = 4, NR = 2;
+constexpr int V = 4, NR = 2;  // SSE registers, or NEON on non-x86 CPUs
 #include "head_sample_loop_tile.inc"
 }  // namespace generic
 

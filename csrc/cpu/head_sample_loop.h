@@ -6,11 +6,12 @@
 
 namespace densiformer {
 
-// Per-step sampler coefficients, in this order. With eps the head's output,
-//   x0 = a x - b eps
-//   x' = c_x x + c_x0 x0 + c_eps eps + c_prev x0_prev + c_noise z
+// Per-step sampler coefficients, in this order. With F the MLP's output (the head's
+// v-prediction; its noise prediction is sigma x + alpha F),
+//   x0 = a x - b F
+//   x' = c_x x + c_x0 x0 + c_prev x0_prev + c_noise z
 // which covers ancestral DDPM, DDIM and DPM-Solver++(2M).
-constexpr int kNumCoefs = 7;
+constexpr int kNumCoefs = 6;
 
 struct HeadSampleLoopArgs {
   const float* cond;      // (N, W) per-row conditioning

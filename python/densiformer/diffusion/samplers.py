@@ -129,16 +129,22 @@ def sample_heun(eps_fn, x, schedule, steps, *, generator=None, rho: float = 7.0)
         y = y + (sigmas[i + 1] - sigmas[i]) * 0.5 * (slope + slope_next)
 
 
-def sample_dpmpp_2m(eps_fn, x, schedule, steps, *, generator=None):
+def sample_dpmpp_2m(eps_fn, x, schedule, steps, *, generator=None, grid: str = "time"):
     """DPM-Solver++(2M) (Lu et al. 2022), data-prediction form; `steps` network evaluations.
 
-    The grid is `steps` points uniform in lambda between the schedule's ends, then the
-    data. In DPM-Solver's half log-SNR, h = (lambda_s - lambda_t) / 2, a step is
+    The grid has `steps` points, then the data. grid "time" (default) takes them uniform in
+    the schedule's time, as the other samplers do; "log_snr" takes them uniform in lambda
+    between the schedule's ends (the DPM-Solver paper's logSNR grid). On the Hipparcos
+    model the lambda-uniform grid spends most steps near the two ends, where little
+    happens, and at 12 steps over-dispersed a narrow colour posterior (95% intervals
+    covering 98%); the time grid kept every coverage within 2 points of nominal
+    (benchmarks/bench_samplers.py). In DPM-Solver's half log-SNR, h = (lambda_s - lambda_t) / 2,
+    a step is
         x_s = (sigma_s / sigma_t) x_t - alpha_s expm1(-h) D,
     with D = x0_hat for the first step and for the last (h = inf, where it returns x0_hat),
     and D = (1 + 1/(2 r)) x0_hat - 1/(2 r) x0_hat_prev, r = h_prev / h, in between.
     """
-    lams = log_snr_grid(schedule, steps, "log_snr").tolist()
+    lams = log_snr_grid(schedule, steps, grid).tolist()
     net_lams = torch.tensor(lams[:-1], dtype=x.dtype, device=x.device)
     x0_prev = h_prev = None
     for i in range(steps):

@@ -1,21 +1,24 @@
 """The fused denoising loop of the diffusion head: every step, layer and sampler update in one op.
 
 `head_sample_loop_ref` defines the op in plain PyTorch. Per network evaluation it
-computes exactly DiffusionHead.forward:
+computes DiffusionHead.predict_v, the MLP output F:
 
     h = silu(W_in (x * req) + b_in + cond + temb[step])
     h = h + silu(W_l h + b_l)                      for each hidden layer l
-    eps = (W_out h + b_out) * req
+    F = (W_out h + b_out) * req
 
-and then one sampler update, written for every sampler as
+DiffusionHead.forward's noise prediction is eps_hat = sigma x + alpha F, so the
+denoised estimate x0_hat = (x - sigma eps_hat) / alpha = alpha x - sigma F. Every
+sampler update is then written as
 
-    x0 = a x - b eps
-    x <- c_x x + c_x0 x0 + c_eps eps + c_prev x0_prev + c_noise z
+    x0 = a x - b F
+    x <- c_x x + c_x0 x0 + c_prev x0_prev + c_noise z
 
-with per-step coefficients (steps, 7) in the order of COEFS, computed by
-`sampler_coefficients` from the formulas of diffusion/samplers.py (ancestral DDPM,
-DDIM with its eta, DPM-Solver++(2M), which needs the previous x0_hat). The last step
-of each goes to log-SNR = +inf and returns x0_hat.
+with per-step coefficients (steps, 6) in the order of COEFS, computed by
+`sampler_coefficients` from the formulas of diffusion/samplers.py: ancestral DDPM,
+DDIM with its eta (its eps_hat term is (x - alpha x0_hat) / sigma, folded into c_x
+and c_x0), and DPM-Solver++(2M), which needs the previous x0_hat. The last step of
+each goes to log-SNR = +inf and returns x0_hat.
 
 Noise. x_T and the step noise z come from Philox4x32-10 keyed by the seed, with the
 counter (dim group, step, sample, row) and Box-Muller in fp32; the layout is
@@ -40,7 +43,7 @@ from ..diffusion import samplers
 from ..diffusion.schedules import Schedule, alpha_sigma
 from .backends import cpu_extension, resolve_backend
 
-COEFS = ("a", "b", "c_x", "c_x0", "c_eps", "c_prev", "c_noise")
+COEFS = ("a", "b", "c_x", "c_x0", "c_prev", "c_noise")
 FUSED_SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
 
 # ---------------------------------------------------------------- Philox4x32-10 in int64
@@ -98,7 +101,7 @@ def philox_normal(seed: int, rows: int, samples: int, k: int, step: int, row_off
 
 # ---------------------------------------------------------------- sampler coefficients
 def sampler_coefficients(sampler: str, schedule: Schedule, steps: int, eta: float = 0.0):
-    """(log-SNR grid (steps + 1,) float64, coefficients (steps, 7) float64) of a sampler.
+    """(log-SNR grid (steps + 1,) float64, coefficients (steps, 6) float64) of a sampler.
 
     The grid is the one samplers.py walks (`time` for ddpm and ddim, `log_snr` for
     dpmpp2m); the network sees grid[:-1]. eta applies to ddim only.
@@ -111,13 +114,14 @@ def sampler_coefficients(sampler: str, schedule: Schedule, steps: int, eta: floa
     for i in range(steps):
         alpha_t, sigma_t = (float(v) for v in alpha_sigma(lam[i]))
         alpha_s, sigma_s = (float(v) for v in alpha_sigma(lam[i + 1]))
-        c_x = c_x0 = c_eps = c_prev = c_noise = 0.0
+        c_x = c_x0 = c_prev = c_noise = 0.0
         if sampler == "ddpm":  # the exact VP posterior; r = SNR_t / SNR_s
             r, one_minus_r = math.exp(lams[i] - lams[i + 1]), -math.expm1(lams[i] - lams[i + 1])
             c_x, c_x0, c_noise = alpha_s * r / alpha_t, alpha_s * one_minus_r, sigma_s * math.sqrt(one_minus_r)
-        elif sampler == "ddim":
+        elif sampler == "ddim":  # alpha_s x0 + c_eps eps + c_noise z, eps = (x - alpha_t x0) / sigma_t
             c_noise = eta * sigma_s * math.sqrt(-math.expm1(lams[i] - lams[i + 1]))
-            c_x0, c_eps = alpha_s, math.sqrt(max(sigma_s**2 - c_noise**2, 0.0))
+            c_eps = math.sqrt(max(sigma_s**2 - c_noise**2, 0.0))
+            c_x, c_x0 = c_eps / sigma_t, alpha_s - c_eps * alpha_t / sigma_t
         else:  # dpmpp2m, in the half log-SNR h
             h = 0.5 * (lams[i + 1] - lams[i])
             c_x, d = sigma_s / sigma_t, -alpha_s * math.expm1(-h)
@@ -127,7 +131,7 @@ def sampler_coefficients(sampler: str, schedule: Schedule, steps: int, eta: floa
                 half_inv_r = 0.5 * h / h_prev
                 c_x0, c_prev = d * (1 + half_inv_r), -d * half_inv_r
             h_prev = h
-        rows.append((1 / alpha_t, sigma_t / alpha_t, c_x, c_x0, c_eps, c_prev, c_noise))
+        rows.append((alpha_t, sigma_t, c_x, c_x0, c_prev, c_noise))
     return lam, torch.tensor(rows, dtype=torch.float64)
 
 
@@ -137,7 +141,7 @@ def head_sample_loop_ref(cond, request, w_in, b_in, w_hidden, b_hidden, w_out, b
     """Samples x0 (N, num_samples, K), zero on unrequested dims; see the module docstring.
 
     cond (N, W); request (N, K) 0/1; w_in (W, K), b_in (W,); w_hidden (L - 1, W, W),
-    b_hidden (L - 1, W); w_out (K, W), b_out (K,); time_emb (steps, W); coefs (steps, 7).
+    b_hidden (L - 1, W); w_out (K, W), b_out (K,); time_emb (steps, W); coefs (steps, 6).
     """
     N, K = request.shape
     req = request.to(cond.dtype)[:, None, :]
@@ -149,10 +153,10 @@ def head_sample_loop_ref(cond, request, w_in, b_in, w_hidden, b_hidden, w_out, b
         h = F.silu(F.linear(x * req, w_in, b_in) + cond + time_emb[step])
         for weight, bias in zip(w_hidden, b_hidden):
             h = h + F.silu(F.linear(h, weight, bias))
-        eps = F.linear(h, w_out, b_out) * req
-        a, b, c_x, c_x0, c_eps, c_prev, c_noise = coefs[step]
-        x0 = a * x - b * eps
-        x_next = c_x * x + c_x0 * x0 + c_eps * eps + c_prev * x0_prev
+        v = F.linear(h, w_out, b_out) * req
+        a, b, c_x, c_x0, c_prev, c_noise = coefs[step]
+        x0 = a * x - b * v
+        x_next = c_x * x + c_x0 * x0 + c_prev * x0_prev
         if c_noise != 0:
             x_next = x_next + c_noise * (philox_normal(seed, N, num_samples, K, step + 1, row_offset,
                                                        cond.device) * req)
