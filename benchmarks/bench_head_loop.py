@@ -9,7 +9,7 @@ times sampling rows x samples x steps with:
 - `generic`: the generic sampler with DiffusionHead.forward as its eps_fn, the way
   DensityEstimator.sample ran before the fused loop.
 It also times torch.mm doing the hidden layers' matmuls, on (rows * samples) x W times
-W x W and on the kernel's 48-row tiles, in the same run, and reports the kernel's FLOP
+W x W and on the kernel's 96-row tiles, in the same run, and reports the kernel's FLOP
 rate (the head's matmul FLOPs only) as a fraction of each. Issue #4's CPU targets: cpu
 at least 1.5x torch, and at least 80% of torch's GEMM rate. The machine may be shared:
 all timings take turns (best of --rounds), and the load average at the start and the
@@ -34,7 +34,7 @@ from common import device_info, write_result
 
 HEADS = [(5, 512), (3, 256)]  # (layers, width)
 K = 3
-TILE_ROWS = 48  # the C++ kernel's tile (csrc/cpu/head_sample_loop.cpp, kTileRows)
+TILE_ROWS = 96  # the C++ kernel's tile (csrc/cpu/head_sample_loop.cpp, kTileRows)
 SAMPLER = "dpmpp2m"
 
 

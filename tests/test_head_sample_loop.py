@@ -124,16 +124,18 @@ def test_philox_normal_is_standard_normal():
 
 
 # ------------------------------------------------------------------ reference vs the generic samplers
-@pytest.mark.parametrize("sampler, sample_fn", [("ddim", samplers.sample_ddim), ("dpmpp2m", samplers.sample_dpmpp_2m)])
-def test_reference_matches_generic_sampler(sampler, sample_fn):
+@pytest.mark.parametrize("sampler, options", [("ddim", {}), ("dpmpp2m", {"grid": "time"}),
+                                              ("dpmpp2m", {"grid": "log_snr"})])
+def test_reference_matches_generic_sampler(sampler, options):
+    """With the same x_T, the deterministic samplers give what samplers.py gives with DiffusionHead.forward."""
     head, cond, request = _case(rows=4, k=3, width=48, layers=3)
     steps, S, seed = 8, 16, 3
     with torch.no_grad():
         ours = head_sample_loop_from_head(head, cond, request, CosineSchedule(), sampler, steps, S, seed,
-                                          backend="torch")
+                                          backend="torch", **options)
         x_T = philox_normal(seed, 4, S, 3, 0) * request[:, None, :]
-        generic = sample_fn(lambda x, lam: head(x, lam, cond[:, None, :], request[:, None, :]), x_T,
-                            CosineSchedule(), steps)
+        generic = samplers.sample(sampler, lambda x, lam: head(x, lam, cond[:, None, :], request[:, None, :]), x_T,
+                                  CosineSchedule(), steps, **options)
     assert _relative_error(ours, generic) < RTOL
     assert torch.equal(ours[0], torch.zeros_like(ours[0]))
 

@@ -17,6 +17,7 @@ from .data.tables import to_matrix
 from .diffusion import likelihood, samplers
 from .diffusion.schedules import DiscreteDDPMSchedule, get_schedule
 from .model import DensityModel
+from .ops.head_sample_loop import head_sample_loop_from_head
 from .training import TrainingHistory, train
 
 FORMAT = "densiformer-model"
@@ -153,13 +154,17 @@ class DensityEstimator:
         return self
 
     # ------------------------------------------------------------------ conditioning
-    def _condition(self, values: np.ndarray, request_idx, backend="auto") -> torch.Tensor:
-        """Per-row head conditioning (n, width) for normalised input rows, computed once."""
+    def _condition(self, values: np.ndarray, request_idx) -> torch.Tensor:
+        """Per-row head conditioning (n, width) for normalised input rows, computed once.
+
+        The encoder's attention dispatches on its own ("auto"): `backend` arguments name
+        the head-loop kernel, which a GPU-less build may have while attention has not.
+        """
         batch = torch.as_tensor(values, device=self.device)
         req = torch.zeros(len(batch), len(self.targets), device=self.device)
         req[:, request_idx] = 1
         with torch.no_grad():
-            return self.model.eval().condition(batch, req, backend)
+            return self.model.eval().condition(batch, req)
 
     def _denoiser(self, cond, request_idx):
         """eps_fn over the requested targets only, for the generic samplers and likelihoods.
@@ -188,21 +193,33 @@ class DensityEstimator:
         sampler = sampler or DEFAULT_SAMPLER
         steps = steps or DEFAULT_STEPS.get(sampler)
         samplers.nfe(sampler, 1)  # validates the name before any work
+        if not (isinstance(seed, (int, np.integer)) and 0 <= seed < 1 << 63):
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         # The paper's sampler runs on the paper's discrete schedule (fewer steps take a
         # coarser grid on it); the others on the schedule the model was trained with.
         schedule = PAPER_DDPM_SCHEDULE if sampler == "ddpm" else self.schedule
         out = np.empty((len(values), num_samples, len(request_idx)), dtype=np.float32)
         rows_per_batch = _rows_per_batch(num_samples)
         show = progress if progress is not None else len(values) * num_samples > 1 << 20
+        K = len(self.targets)
         with torch.no_grad(), tqdm(total=len(values), disable=not show, desc="sampling", unit="row") as bar:
             for start in range(0, len(values), rows_per_batch):
                 chunk = values[start:start + rows_per_batch]
-                cond = self._condition(chunk, request_idx, backend)[:, None, :]
-                generator = torch.Generator(self.device).manual_seed(_batch_seed(seed, row_offset + start))
-                noise = torch.randn(len(chunk), num_samples, len(request_idx), generator=generator,
-                                    device=self.device)
-                x0 = samplers.sample(sampler, self._denoiser(cond, request_idx), noise, schedule, steps,
-                                     generator=generator)
+                cond = self._condition(chunk, request_idx)
+                if sampler in FUSED_SAMPLERS:
+                    # The whole step loop in one op (ops/head_sample_loop.py); its Philox
+                    # noise is keyed by (seed, global row, sample, step), on every backend.
+                    request = torch.zeros(len(chunk), K, device=self.device)
+                    request[:, request_idx] = 1
+                    x0 = head_sample_loop_from_head(
+                        self.model.head, cond, request, schedule, sampler, steps, num_samples, seed,
+                        row_offset=row_offset + start, backend=backend)[..., request_idx]
+                else:
+                    generator = torch.Generator(self.device).manual_seed(_batch_seed(seed, row_offset + start))
+                    noise = torch.randn(len(chunk), num_samples, len(request_idx), generator=generator,
+                                        device=self.device)
+                    x0 = samplers.sample(sampler, self._denoiser(cond[:, None, :], request_idx), noise, schedule,
+                                         steps, generator=generator)
                 out[start:start + len(chunk)] = x0.cpu().numpy()
                 bar.update(len(chunk))
         return out
@@ -275,7 +292,7 @@ class DensityEstimator:
         return matrix
 
     def log_prob(self, values, inputs=None, request=None, *, method: str = "adaptive", steps: int = 32,
-                 rtol: float = 1e-5, atol: float = 1e-5, backend="auto", rows_per_chunk: int = 4096,
+                 rtol: float = 1e-5, atol: float = 1e-5, rows_per_chunk: int = 4096,
                  progress=None) -> np.ndarray:
         """Natural-log density of `values` given `inputs`, in physical units: shape (n_rows,).
 
@@ -302,7 +319,7 @@ class DensityEstimator:
         with tqdm(total=len(rows), disable=not show, desc="log_prob", unit="row") as bar:
             for start in range(0, len(rows), rows_per_chunk):
                 idx = rows[start:start + rows_per_chunk]
-                cond = self._condition(cond_values[idx], request_idx, backend)
+                cond = self._condition(cond_values[idx], request_idx)
                 zt = torch.as_tensor(z[idx], device=self.device)
                 out[idx] = self._log_prob_normalized(zt, cond, request_idx, **options).cpu().numpy()
                 bar.update(len(idx))
@@ -403,3 +420,6 @@ class DensityEstimator:
 DEFAULT_SAMPLER = "dpmpp2m"
 DEFAULT_STEPS = {"ddpm": 120, "ddim": 20, "heun": 12, "dpmpp2m": 12}
 PAPER_DDPM_SCHEDULE = DiscreteDDPMSchedule(120)
+# Samplers whose whole step loop runs in the fused head_sample_loop op; heun runs on
+# the generic sampler functions.
+FUSED_SAMPLERS = ("ddpm", "ddim", "dpmpp2m")

@@ -97,7 +97,7 @@ class Posterior:
         est = self.estimator
         idx = [est.targets.index(r) for r in self.request]
         z = est.schema.normalize(theta.detach().cpu().numpy(), self.request)
-        cond = est._condition(values, idx, self.backend)  # (B, width), once per x row
+        cond = est._condition(values, idx)  # (B, width), once per x row
         logp = est._log_prob_normalized(torch.as_tensor(z, device=est.device), cond, idx,
                                         method=self.ode_method)
         return (logp + est.schema.log_abs_det(self.request)).float().cpu()

@@ -1,5 +1,7 @@
 """The kernel layer: one module per op, each with a pure-PyTorch `<op>_ref`."""
 from .backends import available_backends
+from .head_sample_loop import head_sample_loop, head_sample_loop_ref
 from .masked_attention import masked_attention, masked_attention_ref
 
-__all__ = ["available_backends", "masked_attention", "masked_attention_ref"]
+__all__ = ["available_backends", "head_sample_loop", "head_sample_loop_ref", "masked_attention",
+           "masked_attention_ref"]

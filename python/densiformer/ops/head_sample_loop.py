@@ -100,15 +100,15 @@ def philox_normal(seed: int, rows: int, samples: int, k: int, step: int, row_off
 
 
 # ---------------------------------------------------------------- sampler coefficients
-def sampler_coefficients(sampler: str, schedule: Schedule, steps: int, eta: float = 0.0):
+def sampler_coefficients(sampler: str, schedule: Schedule, steps: int, eta: float = 0.0, grid: str = "time"):
     """(log-SNR grid (steps + 1,) float64, coefficients (steps, 6) float64) of a sampler.
 
-    The grid is the one samplers.py walks (`time` for ddpm and ddim, `log_snr` for
-    dpmpp2m); the network sees grid[:-1]. eta applies to ddim only.
+    The grid is the one samplers.py walks: `time` for ddpm and ddim, `grid` ("time" or
+    "log_snr") for dpmpp2m; the network sees grid[:-1]. eta applies to ddim only.
     """
     if sampler not in FUSED_SAMPLERS:
         raise ValueError(f"sampler {sampler!r} has no fused loop; choose one of {FUSED_SAMPLERS}")
-    lam = samplers.log_snr_grid(schedule, steps, "log_snr" if sampler == "dpmpp2m" else "time")
+    lam = samplers.log_snr_grid(schedule, steps, grid if sampler == "dpmpp2m" else "time")
     lams = lam.tolist()
     rows, h_prev = [], None
     for i in range(steps):
@@ -249,14 +249,15 @@ def head_sample_loop(cond, request, w_in, b_in, w_hidden, b_hidden, w_out, b_out
 
 
 def head_sample_loop_from_head(head, cond, request, schedule: Schedule, sampler: str, steps: int, num_samples: int,
-                               seed: int, *, eta: float = 0.0, row_offset: int = 0, backend: str = "auto"):
+                               seed: int, *, eta: float = 0.0, grid: str = "time", row_offset: int = 0,
+                               backend: str = "auto"):
     """Sample a DiffusionHead with the fused loop: (N, num_samples, K), zero where not requested.
 
     cond: head.condition(context, request), (N, W); request: (N, K) 0/1. The sampler
-    ("ddpm", "ddim" with `eta`, "dpmpp2m") walks `schedule` in `steps` steps as the
-    sampler of the same name in diffusion/samplers.py does.
+    ("ddpm", "ddim" with `eta`, "dpmpp2m" with `grid`) walks `schedule` in `steps` steps
+    as the sampler of the same name in diffusion/samplers.py does.
     """
-    lam, coefs = sampler_coefficients(sampler, schedule, steps, eta)
+    lam, coefs = sampler_coefficients(sampler, schedule, steps, eta, grid)
     with torch.no_grad():
         time_emb = head.time_embedding(lam[:-1].to(device=cond.device, dtype=torch.float32))
         width = head.input.out_features
