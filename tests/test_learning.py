@@ -26,11 +26,18 @@ def mixture_model():
     return est.fit(simulate(30_000, seed=1), epochs=12, batch_size=512, seed=0, progress=False)
 
 
+# The paper's ancestral sampler. The probability-flow ODE samplers (default dpmpp2m@12)
+# put 0.723 instead of 0.75 in the upper mode here, for 12 or 20 epochs of training
+# alike: a mode-weight bias of deterministic sampling on modes 15 sigma apart (issue #3).
+SAMPLER = dict(sampler="ddpm", steps=120)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("c, weight", [(-0.5, WEIGHT_BELOW), (0.5, WEIGHT_ABOVE)])
 def test_mode_fractions_match_truth(mixture_model, c, weight):
     n = 4000
-    samples = mixture_model.sample({"c": np.full(4, c)}, request=["y"], num_samples=n // 4, seed=3)[..., 0]
+    samples = mixture_model.sample({"c": np.full(4, c)}, request=["y"], num_samples=n // 4, seed=3,
+                                   **SAMPLER)[..., 0]
     samples = samples.ravel() - C
     frac = (samples > 0).mean()
     stderr = np.sqrt(weight * (1 - weight) / samples.size)
@@ -42,7 +49,8 @@ def test_mode_fractions_match_truth(mixture_model, c, weight):
 @pytest.mark.slow
 def test_unconditional_when_nothing_observed(mixture_model):
     """With c missing, the density is the marginal: the mean of the two weights."""
-    samples = mixture_model.sample({"c": np.full(4, np.nan)}, request=["y"], num_samples=1000, seed=4).ravel() - C
+    samples = mixture_model.sample({"c": np.full(4, np.nan)}, request=["y"], num_samples=1000, seed=4,
+                                   **SAMPLER).ravel() - C
     weight = (WEIGHT_BELOW + WEIGHT_ABOVE) / 2
     stderr = np.sqrt(weight * (1 - weight) / samples.size)
     assert abs((samples > 0).mean() - weight) < 3 * stderr
