@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import torch
 import pyarrow as pa
 import pytest
 
@@ -103,3 +104,15 @@ def test_corrupt_and_incompatible_files(fitted, tmp_path):
 
     with pytest.raises(FileNotFoundError):
         dfm.DensityEstimator.load(tmp_path / "nowhere")
+
+
+def test_fit_with_a_fixed_seed_is_reproducible_on_cpu():
+    def fit(seed):
+        est = dfm.DensityEstimator(COLUMNS, TARGETS, dfm.ModelConfig(d_model=16, heads=2, head_width=32))
+        return est.fit(_table(300), epochs=2, batch_size=64, seed=seed, device="cpu", progress=False)
+
+    a, b, c = fit(0), fit(0), fit(1)
+    assert a.history.val_loss == b.history.val_loss
+    for (name, wa), wb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(wa, wb), name
+    assert a.history.val_loss != c.history.val_loss
