@@ -65,3 +65,10 @@ def test_batched_log_prob_equals_row_by_row(tiny_estimator):
     direct = tiny_estimator.log_prob(theta[0].numpy(), {"a": x_batch[:, 0].numpy(), "b": x_batch[:, 1].numpy()},
                                      request=["y"], method="fixed")
     np.testing.assert_allclose(batched[0].numpy(), direct, rtol=1e-4, atol=1e-4)
+
+
+def test_log_prob_without_inputs_counts_rows_of_a_table(tiny_estimator):
+    """With inputs=None (nothing observed), the row count comes from the values table."""
+    values = {"y": np.array([0.0, 0.5, 1.0]), "z": np.array([9.0, 10.0, 11.0])}
+    logp = tiny_estimator.log_prob(values, None, request=["y", "z"], method="fixed", steps=4)
+    assert logp.shape == (3,) and np.isfinite(logp).all()

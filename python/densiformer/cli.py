@@ -76,6 +76,7 @@ def cmd_demo(args) -> int:
     from . import DensityEstimator, ModelConfig
     from .assets import default_model
     from .datasets import hipparcos
+    from .summary import summarize_samples
 
     out = Path(args.out)
     started = time.perf_counter()
@@ -95,9 +96,9 @@ def cmd_demo(args) -> int:
     # Colours, magnitude and proper motions only: the parallax is withheld, so the model
     # must infer the absolute magnitude, and whether a red star is a giant or a dwarf.
     inputs = stars[["b_v", "v_i", "hpmag", "pmra", "pmdec"]]
-    samples = est.sample(inputs, request=["abs_hpmag"], num_samples=args.num_samples, seed=0)[..., 0]
-    summary = est.summarize(inputs, request=["abs_hpmag"], num_samples=args.num_samples, seed=0).to_pandas()
-    giant = (samples < 3.5).mean(1)
+    draws = est.sample(inputs, request=["abs_hpmag"], num_samples=args.num_samples, seed=0)
+    summary = summarize_samples(draws, ["abs_hpmag"]).to_pandas()
+    giant = (draws[..., 0] < 3.5).mean(1)
     print("\nM_Hp posterior without the parallax (given B-V, V-I, Hp and proper motion):")
     print(f"{'HIP':>7} {'B-V':>6} {'M_Hp cat':>9} {'median':>7} {'16%':>6} {'84%':>6} {'modes':>6} {'P(giant)':>9}")
     for (_, star), (_, s), g in zip(stars.iterrows(), summary.iterrows(), giant):

@@ -279,7 +279,7 @@ class DensityEstimator:
         """log p(z | condition) in normalised units; z (..., n, k) against cond (n, width)."""
         return likelihood.log_prob(self._denoiser(cond, request_idx), z, self.schedule, **ode_options)
 
-    def _values_matrix(self, values, request, n_rows) -> np.ndarray:
+    def _values_matrix(self, values, request) -> np.ndarray:
         """The points to evaluate, (n_rows, k) in physical units, from an array or a table."""
         if isinstance(values, np.ndarray) or torch.is_tensor(values):
             matrix = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
@@ -287,8 +287,6 @@ class DensityEstimator:
                 raise ValueError(f"values has {matrix.shape[1]} columns but request names {len(request)}: {request}")
         else:
             matrix = to_matrix(values, request, allow_extra=True, require=request, dtype=np.float64, what="values")
-        if len(matrix) != n_rows:
-            raise ValueError(f"values has {len(matrix)} rows but inputs has {n_rows}")
         return matrix
 
     def log_prob(self, values, inputs=None, request=None, *, method: str = "adaptive", steps: int = 32,
@@ -304,11 +302,12 @@ class DensityEstimator:
         """
         self._require_fitted()
         request = self._request(request)
+        points = self._values_matrix(values, request)
         if inputs is None:
-            n = len(values)
-            inputs = {c: np.full(n, np.nan) for c in self.columns}
+            inputs = {c: np.full(len(points), np.nan) for c in self.columns}
         cond_values = self._normalized(inputs)
-        points = self._values_matrix(values, request, len(cond_values))
+        if len(points) != len(cond_values):
+            raise ValueError(f"values has {len(points)} rows but inputs has {len(cond_values)}")
         z = self.schema.normalize(points, request)
         request_idx = [self.targets.index(r) for r in request]
         out = np.full(len(z), np.nan)
