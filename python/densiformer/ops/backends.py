@@ -20,7 +20,7 @@ BACKENDS = ("torch", "cpu", "triton", "cuda")
 
 # op name -> backends that have a kernel for it, fastest first.
 IMPLEMENTED: dict[str, tuple[str, ...]] = {
-    "masked_attention": ("torch",),
+    "masked_attention": ("cuda", "triton", "torch"),
     "head_sample_loop": ("cpu", "triton", "torch"),
 }
 
