@@ -1,9 +1,9 @@
 """Build and install densiformer.
 
 The Python package lives under python/. The native kernels in csrc/ are built by
-CMakeLists.txt into densiformer._C (C++ CPU kernels, always), and later
-densiformer._C_cuda (CUDA; where nvcc is found). DENSIFORMER_CUDA=1 makes a missing
-nvcc an error, DENSIFORMER_CUDA=0 skips CUDA, unset decides by whether nvcc is found.
+CMakeLists.txt into densiformer._C (C++ CPU kernels, always) and densiformer._C_cuda
+(CUDA; where nvcc is found). DENSIFORMER_CUDA=1 makes a missing nvcc an error,
+DENSIFORMER_CUDA=0 skips CUDA, unset decides by whether CMake finds nvcc.
 Both `pip install -e .` and `pip install .` work; pybind11 and cmake come from
 pyproject.toml's build requirements.
 """
@@ -27,35 +27,63 @@ class CMakeExtension(Extension):
 
 
 class CMakeBuild(build_ext):
-    """Configure and build CMakeLists.txt, then put each module where setuptools expects it."""
+    """Configure CMakeLists.txt once, build each module's target, and put it where setuptools expects it."""
 
-    def build_extension(self, ext):
+    def run(self):
+        self._configure()
+        # _C_cuda is listed unless DENSIFORMER_CUDA=0; CMake alone knows whether it found
+        # nvcc, so drop the extension here when it made no target for it.
+        if self._cache().get("DENSIFORMER_BUILD_CUDA") != "ON":
+            skipped = [ext.name for ext in self.extensions if ext.name == "densiformer._C_cuda"]
+            if skipped:
+                print("densiformer: no nvcc found by CMake, densiformer._C_cuda is not built")
+            self.extensions = [ext for ext in self.extensions if ext.name not in skipped]
+        super().run()
+
+    @property
+    def _build_dir(self) -> Path:
+        return Path(self.build_temp).resolve() / "cmake"
+
+    def _configure(self):
         import pybind11
 
-        cuda = {"": "AUTO", "0": "OFF", "1": "ON"}.get(os.environ.get("DENSIFORMER_CUDA", ""))
-        if cuda is None:
-            raise RuntimeError(f"DENSIFORMER_CUDA must be 0, 1 or unset; got {os.environ['DENSIFORMER_CUDA']!r}")
         cmake = shutil.which("cmake")
         if cmake is None:
             raise RuntimeError("building densiformer needs cmake >= 3.18 on PATH (pip install cmake)")
-        target = Path(self.get_ext_fullpath(ext.name)).resolve()
-        build_dir = Path(self.build_temp).resolve() / "cmake"
         subprocess.run([
-            cmake, "-S", str(ROOT), "-B", str(build_dir),
+            cmake, "-S", str(ROOT), "-B", str(self._build_dir),
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-            f"-DDENSIFORMER_CUDA={cuda}",
-            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={build_dir / 'modules'}",
+            f"-DDENSIFORMER_CUDA={_cuda_switch()}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={self._build_dir / 'modules'}",
         ], check=True)
+
+    def _cache(self) -> dict:
+        entries = {}
+        for line in (self._build_dir / "CMakeCache.txt").read_text().splitlines():
+            if ":" in line and "=" in line and not line.startswith(("#", "//")):
+                key, value = line.split("=", 1)
+                entries[key.split(":", 1)[0]] = value
+        return entries
+
+    def build_extension(self, ext):
+        target = Path(self.get_ext_fullpath(ext.name)).resolve()
         target_name = ext.name.rsplit(".", 1)[-1]
-        subprocess.run([cmake, "--build", str(build_dir), "--target", target_name, "--parallel",
-                        str(os.cpu_count() or 1)], check=True)
-        built = build_dir / "modules" / target.name
+        subprocess.run([shutil.which("cmake"), "--build", str(self._build_dir), "--target", target_name,
+                        "--parallel", str(os.cpu_count() or 1)], check=True)
+        built = self._build_dir / "modules" / target.name
         if not built.exists():
             raise RuntimeError(f"cmake did not produce {built}")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(built, target)
+
+
+def _cuda_switch() -> str:
+    cuda = {"": "AUTO", "0": "OFF", "1": "ON"}.get(os.environ.get("DENSIFORMER_CUDA", ""))
+    if cuda is None:
+        raise RuntimeError(f"DENSIFORMER_CUDA must be 0, 1 or unset; got {os.environ['DENSIFORMER_CUDA']!r}")
+    return cuda
 
 
 setup(
@@ -87,6 +115,7 @@ setup(
         "ray": ["ray[data]>=2.9"],
     },
     entry_points={"console_scripts": ["densiformer=densiformer.cli:main"]},
-    ext_modules=[CMakeExtension("densiformer._C")],
+    ext_modules=[CMakeExtension("densiformer._C")]
+    + ([] if _cuda_switch() == "OFF" else [CMakeExtension("densiformer._C_cuda")]),
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -288,7 +288,6 @@ def test_heun_is_not_fused():
 def test_available_backends_reports_the_cpu_extension():
     status = backends.available_backends()["cpu"]
     assert status is True or "pip install -e ." in status
-    assert backends.available_backends()["cuda"] is not True  # no CUDA kernels yet (issue #4 GPU part)
 
 
 def test_import_loads_no_extension_and_no_triton():

@@ -14,9 +14,17 @@
 #include <cmath>
 #include <cstdint>
 
+// The CUDA kernels (csrc/cuda/) include this header too: under nvcc every function
+// here is compiled for both host and device.
+#ifdef __CUDACC__
+#define DENSIFORMER_HD __host__ __device__
+#else
+#define DENSIFORMER_HD
+#endif
+
 namespace densiformer {
 
-inline void philox4x32_10(uint32_t ctr[4], uint32_t k0, uint32_t k1) {
+DENSIFORMER_HD inline void philox4x32_10(uint32_t ctr[4], uint32_t k0, uint32_t k1) {
   for (int round = 0; round < 10; ++round) {
     if (round > 0) {
       k0 += 0x9E3779B9u;
@@ -36,7 +44,7 @@ inline void philox4x32_10(uint32_t ctr[4], uint32_t k0, uint32_t k1) {
 // Two N(0, 1) draws from two uint32 words. u1 is in (0, 1] so the log is finite;
 // 24-bit uniforms convert to fp32 exactly, so only log/cos/sin may round differently
 // between backends (by an ulp or so).
-inline void box_muller(uint32_t a, uint32_t b, float& z0, float& z1) {
+DENSIFORMER_HD inline void box_muller(uint32_t a, uint32_t b, float& z0, float& z1) {
   const float u1 = float((a >> 8) + 1u) * 0x1p-24f;
   const float u2 = float(b >> 8) * 0x1p-24f;
   const float r = std::sqrt(-2.0f * std::log(u1));
@@ -46,7 +54,7 @@ inline void box_muller(uint32_t a, uint32_t b, float& z0, float& z1) {
 }
 
 // The normals of dims [0, K) for one (row, sample, step), written to z[0..K).
-inline void philox_normals(uint64_t seed, uint32_t row, uint32_t sample, uint32_t step, int K, float* z) {
+DENSIFORMER_HD inline void philox_normals(uint64_t seed, uint32_t row, uint32_t sample, uint32_t step, int K, float* z) {
   for (int g = 0; 4 * g < K; ++g) {
     uint32_t ctr[4] = {uint32_t(g), step, sample, row};
     philox4x32_10(ctr, uint32_t(seed), uint32_t(seed >> 32));

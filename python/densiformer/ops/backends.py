@@ -4,8 +4,9 @@ Every op has a pure-PyTorch reference (`torch`). Compiled backends are added per
 as they are written; `IMPLEMENTED` lists them. Naming a backend that is missing
 raises an error that says why; nothing falls back silently.
 
-The C++ extension densiformer._C is imported on first use, never at package import,
-so `import densiformer` works (and builds nothing) where it was not compiled.
+The extensions densiformer._C (C++ CPU) and densiformer._C_cuda (CUDA C++) are
+imported on first use, never at package import, so `import densiformer` works (and
+builds nothing) where they were not compiled or no GPU is present.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ BACKENDS = ("torch", "cpu", "triton", "cuda")
 # op name -> backends that have a kernel for it, fastest first.
 IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "masked_attention": ("cuda", "triton", "torch"),
-    "head_sample_loop": ("cpu", "triton", "torch"),
+    "head_sample_loop": ("cuda", "cpu", "triton", "torch"),
 }
 
 
@@ -43,6 +44,38 @@ def cpu_extension():
     return module
 
 
+@functools.cache
+def _import_cuda_extension():
+    """(module, None) or (None, why it cannot be imported or run)."""
+    try:
+        module = importlib.import_module("densiformer._C_cuda")
+    except ImportError as err:
+        return None, (f"densiformer._C_cuda not built or does not load ({err}); rebuild it with "
+                      "`DENSIFORMER_CUDA=1 pip install -e .` in the repository (needs nvcc)")
+    # The module has its own CUDA runtime (linked statically): it must see the GPU too,
+    # e.g. the driver must be new enough for the CUDA version it was built with.
+    problem = module.runtime_status()
+    if problem:
+        return None, problem
+    return module, None
+
+
+def cuda_extension():
+    """The densiformer._C_cuda module; RuntimeError saying why if it is missing or sees no GPU."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA GPU visible to torch")
+    module, why = _import_cuda_extension()
+    if module is None:
+        raise RuntimeError(why)
+    return module
+
+
+def _cuda_status():
+    if not torch.cuda.is_available():
+        return "no CUDA GPU visible to torch"
+    return _import_cuda_extension()[1] or True
+
+
 def _triton_status():
     # find_spec, not import: importing triton is slow, and it must happen after
     # TRITON_INTERPRET is set for the interpreter to take over its kernels.
@@ -59,8 +92,7 @@ def available_backends() -> dict[str, object]:
         "torch": True,
         "cpu": _import_cpu_extension()[1] or True,
         "triton": _triton_status(),
-        "cuda": ("no CUDA GPU visible to torch" if not torch.cuda.is_available()
-                 else "no CUDA kernels are written yet (issue #4 GPU part)"),
+        "cuda": _cuda_status(),
     }
 
 

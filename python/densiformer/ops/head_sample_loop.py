@@ -27,8 +27,10 @@ the row counter is `row_offset` + the local row index, so a row's samples do not
 depend on how rows are batched. Noise is multiplied by the request mask, so
 unrequested dimensions stay exactly zero.
 
-Backends: `torch` (the reference), `cpu` (C++, densiformer._C) and `triton`
-(ops/_head_sample_loop_triton.py; CUDA, or the interpreter with TRITON_INTERPRET=1).
+Backends: `torch` (the reference), `cpu` (C++, densiformer._C), `triton`
+(ops/_head_sample_loop_triton.py; CUDA, or the interpreter with TRITON_INTERPRET=1) and
+`cuda` (CUDA C++, densiformer._C_cuda: csrc/cuda/head_sample_loop.cu). `cuda` runs in
+fp32 (plain FMA; matches the reference) or, with precision="bf16", on bf16 tensor cores.
 `head_sample_loop_from_head` takes a DiffusionHead, a schedule and a sampler name and
 prepares everything.
 """
@@ -41,10 +43,11 @@ from torch.nn import functional as F
 
 from ..diffusion import samplers
 from ..diffusion.schedules import Schedule, alpha_sigma
-from .backends import cpu_extension, resolve_backend
+from .backends import cpu_extension, cuda_extension, resolve_backend
 
 COEFS = ("a", "b", "c_x", "c_x0", "c_prev", "c_noise")
 FUSED_SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+PRECISIONS = {"fp32": 0, "bf16": 1}  # the cuda kernel's precision codes
 
 # ---------------------------------------------------------------- Philox4x32-10 in int64
 _MASK32 = 0xFFFFFFFF
@@ -203,7 +206,7 @@ def _check(cond, request, w_in, b_in, w_hidden, b_hidden, w_out, b_out, time_emb
 def _head_sample_loop_op(cond: torch.Tensor, request: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor,
                          w_hidden: torch.Tensor, b_hidden: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor,
                          time_emb: torch.Tensor, coefs: torch.Tensor, num_samples: int, seed: int,
-                         row_offset: int, backend: str) -> torch.Tensor:
+                         row_offset: int, backend: str, precision: str = "fp32") -> torch.Tensor:
     """The compiled backends on contiguous fp32 inputs (see head_sample_loop)."""
     (N, W), K = cond.shape, request.shape[1]
     out = cond.new_empty(N, num_samples, K)
@@ -213,6 +216,13 @@ def _head_sample_loop_op(cond: torch.Tensor, request: torch.Tensor, w_in: torch.
             b_hidden.data_ptr(), w_out.data_ptr(), b_out.data_ptr(), time_emb.data_ptr(), coefs.data_ptr(),
             out.data_ptr(), N, num_samples, K, W, w_hidden.shape[0] + 1, time_emb.shape[0], seed, row_offset,
             torch.get_num_threads())
+    elif backend == "cuda":
+        with torch.cuda.device(cond.device):
+            cuda_extension().head_sample_loop(
+                cond.data_ptr(), request.data_ptr(), w_in.data_ptr(), b_in.data_ptr(), w_hidden.data_ptr(),
+                b_hidden.data_ptr(), w_out.data_ptr(), b_out.data_ptr(), time_emb.data_ptr(), coefs.data_ptr(),
+                out.data_ptr(), N, num_samples, K, W, w_hidden.shape[0] + 1, time_emb.shape[0], seed, row_offset,
+                PRECISIONS[precision], torch.cuda.current_stream(cond.device).cuda_stream)
     elif backend == "triton":
         from ._head_sample_loop_triton import head_sample_loop_triton
 
@@ -225,32 +235,40 @@ def _head_sample_loop_op(cond: torch.Tensor, request: torch.Tensor, w_in: torch.
 
 @_head_sample_loop_op.register_fake
 def _(cond, request, w_in, b_in, w_hidden, b_hidden, w_out, b_out, time_emb, coefs, num_samples, seed, row_offset,
-      backend):
+      backend, precision="fp32"):
     return cond.new_empty(cond.shape[0], num_samples, request.shape[1])
 
 
 def head_sample_loop(cond, request, w_in, b_in, w_hidden, b_hidden, w_out, b_out, time_emb, coefs,
-                     num_samples: int, seed: int, *, row_offset: int = 0, backend: str = "auto"):
+                     num_samples: int, seed: int, *, row_offset: int = 0, backend: str = "auto",
+                     precision: str = "fp32"):
     """Samples (N, num_samples, K) from the diffusion head; the meaning is head_sample_loop_ref.
 
     All tensors fp32 (coefs may be fp64; it is rounded to fp32 as the reference does)
     on one device; they are made contiguous here. backend: "auto", "torch", "cpu",
-    "triton"; naming one that cannot run here raises RuntimeError saying why.
+    "triton", "cuda"; naming one that cannot run here raises RuntimeError saying why.
+    precision: "fp32", or "bf16" (the cuda backend's tensor-core path: bf16 weights and
+    activations, fp32 accumulation and sampler state); auto then means cuda.
     """
     _check(cond, request, w_in, b_in, w_hidden, b_hidden, w_out, b_out, time_emb, coefs, num_samples, seed,
            row_offset)
-    name = resolve_backend("head_sample_loop", backend, cond.device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+    name = resolve_backend("head_sample_loop", "cuda" if precision == "bf16" and backend == "auto" else backend,
+                           cond.device)
+    if precision != "fp32" and name != "cuda":
+        raise ValueError(f"precision={precision!r} needs the cuda backend; {name!r} runs fp32 only")
     coefs = coefs.to(torch.float32)
     if name == "torch":
         return head_sample_loop_ref(cond, request, w_in, b_in, w_hidden, b_hidden, w_out, b_out, time_emb, coefs,
                                     num_samples, seed, row_offset)
     args = [t.contiguous() for t in (cond, request, w_in, b_in, w_hidden, b_hidden, w_out, b_out, time_emb, coefs)]
-    return _head_sample_loop_op(*args, num_samples, seed, row_offset, name)
+    return _head_sample_loop_op(*args, num_samples, seed, row_offset, name, precision)
 
 
 def head_sample_loop_from_head(head, cond, request, schedule: Schedule, sampler: str, steps: int, num_samples: int,
                                seed: int, *, eta: float = 0.0, grid: str = "time", row_offset: int = 0,
-                               backend: str = "auto"):
+                               backend: str = "auto", precision: str = "fp32"):
     """Sample a DiffusionHead with the fused loop: (N, num_samples, K), zero where not requested.
 
     cond: head.condition(context, request), (N, W); request: (N, K) 0/1. The sampler
@@ -267,4 +285,4 @@ def head_sample_loop_from_head(head, cond, request, schedule: Schedule, sampler:
         b_hidden = torch.stack([layer.bias for layer in hidden]) if hidden else cond.new_zeros(0, width)
         return head_sample_loop(cond, request.to(torch.float32), head.input.weight, head.input.bias, w_hidden,
                                 b_hidden, head.output.weight, head.output.bias, time_emb, coefs.to(cond.device),
-                                num_samples, seed, row_offset=row_offset, backend=backend)
+                                num_samples, seed, row_offset=row_offset, backend=backend, precision=precision)
