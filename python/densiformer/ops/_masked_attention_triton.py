@@ -45,11 +45,20 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _dot(a, b, F32: tl.constexpr):
-    """a @ b, fp32 accumulation; F32: in fp32 IEEE (no TF32), operands upcast if needed."""
-    if F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
+def _cast(x, DOT: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """x (fp32) rounded to nearest even in DOT, the dots' operand dtype.
+
+    EMULATE_BF16 is bf16 under the interpreter (triton 3.x), whose tl.dot multiplies bf16
+    bit patterns as integers and whose fp32 -> bf16 conversion truncates. There bf16 is
+    emulated: values are rounded to bf16 here and kept in fp32, the dots run in IEEE fp32
+    (bf16 products are exact in fp32: the same sums as the bf16 MMA), and storing them to
+    bf16 memory converts exactly.
+    """
+    if EMULATE_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    return x.to(DOT)
 
 
 @triton.jit
@@ -75,20 +84,21 @@ def _keep_keys(PAD, seq, pos, valid, H, L):
 
 
 @triton.jit
-def _load(ptr, row, valid, dd, D):
-    return tl.load(ptr + row[:, None] * D + dd[None, :], mask=valid[:, None] & (dd < D)[None, :], other=0.0)
+def _load(ptr, row, valid, dd, D, DOT: tl.constexpr):
+    x = tl.load(ptr + row[:, None] * D + dd[None, :], mask=valid[:, None] & (dd < D)[None, :], other=0.0)
+    return x.to(DOT)
 
 
 @triton.jit
-def _store(ptr, row, valid, dd, D, x):
-    tl.store(ptr + row[:, None] * D + dd[None, :], x.to(ptr.dtype.element_ty),
+def _store(ptr, row, valid, dd, D, x, EMULATE_BF16: tl.constexpr):
+    tl.store(ptr + row[:, None] * D + dd[None, :], _cast(x, ptr.dtype.element_ty, EMULATE_BF16),
              mask=valid[:, None] & (dd < D)[None, :])
 
 
 @triton.jit
 def _fwd_kernel(Q, K, V, PAD, OUT, LSE, n_seq, H, L, D, span, qk_scale,
                 SEQS: tl.constexpr, PACKED: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                F32: tl.constexpr):
+                DOT: tl.constexpr, PREC: tl.constexpr, EMULATE_BF16: tl.constexpr):
     pid = tl.program_id(0)
     if PACKED:
         tile = pid
@@ -100,7 +110,7 @@ def _fwd_kernel(Q, K, V, PAD, OUT, LSE, n_seq, H, L, D, span, qk_scale,
     dd = tl.arange(0, BLOCK_D)
     seq_q, pos_q, valid_q = _rows(tile, qstart, idx, L, n_seq, SEQS, PACKED)
     row_q = seq_q * L + pos_q
-    q = _load(Q, row_q, valid_q, dd, D)
+    q = _load(Q, row_q, valid_q, dd, D, DOT)
     m = tl.full((BLOCK,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK,), tl.float32)
     acc = tl.zeros((BLOCK, BLOCK_D), tl.float32)
@@ -110,26 +120,26 @@ def _fwd_kernel(Q, K, V, PAD, OUT, LSE, n_seq, H, L, D, span, qk_scale,
         keep = _keep_keys(PAD, seq_k, pos_k, valid_k, H, L)[None, :]
         if PACKED:
             keep = keep & (seq_q[:, None] == seq_k[None, :])
-        k = _load(K, row_k, valid_k, dd, D)
-        v = _load(V, row_k, valid_k, dd, D)
-        s = tl.where(keep, _dot(q, tl.trans(k), F32) * qk_scale, float("-inf"))
+        k = _load(K, row_k, valid_k, dd, D, DOT)
+        v = _load(V, row_k, valid_k, dd, D, DOT)
+        s = tl.where(keep, tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf while a row has no key yet
         p = tl.exp2(s - m_ref[:, None])
         alpha = tl.exp2(m - m_ref)
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, F32)
+        acc = acc * alpha[:, None] + tl.dot(_cast(p, DOT, EMULATE_BF16), v, input_precision=PREC)
         m = m_new
     empty = l == 0.0  # every key padded
     l_safe = tl.where(empty, 1.0, l)
-    _store(OUT, row_q, valid_q, dd, D, acc / l_safe[:, None])
+    _store(OUT, row_q, valid_q, dd, D, acc / l_safe[:, None], EMULATE_BF16)
     tl.store(LSE + row_q, tl.where(empty, float("-inf"), (m + tl.log2(l_safe)) * 0.6931471805599453), mask=valid_q)
 
 
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, PAD, OUT, DOUT, LSE, DELTA, DQ, DK, DV, n_seq, H, L, D, span, scale, qk_scale,
                      SEQS: tl.constexpr, PACKED: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                     F32: tl.constexpr):
+                     DOT: tl.constexpr, PREC: tl.constexpr, EMULATE_BF16: tl.constexpr):
     """dk, dv of a key block; packed, also dq (and delta from O) of the same tile."""
     pid = tl.program_id(0)
     if PACKED:
@@ -143,37 +153,38 @@ def _bwd_dkdv_kernel(Q, K, V, PAD, OUT, DOUT, LSE, DELTA, DQ, DK, DV, n_seq, H, 
     seq_k, pos_k, valid_k = _rows(tile, kstart, idx, L, n_seq, SEQS, PACKED)
     row_k = seq_k * L + pos_k
     keep_k = _keep_keys(PAD, seq_k, pos_k, valid_k, H, L)
-    k = _load(K, row_k, valid_k, dd, D)
-    v = _load(V, row_k, valid_k, dd, D)
+    k = _load(K, row_k, valid_k, dd, D, DOT)
+    v = _load(V, row_k, valid_k, dd, D, DOT)
     dk = tl.zeros((BLOCK, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK, BLOCK_D), tl.float32)
     for qstart in range(0, span, BLOCK):
         seq_q, pos_q, valid_q = _rows(tile, qstart, idx, L, n_seq, SEQS, PACKED)
         row_q = seq_q * L + pos_q
-        q = _load(Q, row_q, valid_q, dd, D)
-        do = _load(DOUT, row_q, valid_q, dd, D)
+        q = _load(Q, row_q, valid_q, dd, D, DOT)
+        do = _load(DOUT, row_q, valid_q, dd, D, DOT)
         lse = tl.load(LSE + row_q, mask=valid_q, other=0.0)
         if PACKED:
-            delta = tl.sum(_load(OUT, row_q, valid_q, dd, D).to(tl.float32) * do.to(tl.float32), 1)
+            delta = tl.sum(_load(OUT, row_q, valid_q, dd, D, tl.float32) * do.to(tl.float32), 1)
         else:
             delta = tl.load(DELTA + row_q, mask=valid_q, other=0.0)
         keep = valid_q[:, None] & keep_k[None, :]
         if PACKED:
             keep = keep & (seq_q[:, None] == seq_k[None, :])
-        s = _dot(q, tl.trans(k), F32) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         p = tl.where(keep, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
-        dv += _dot(tl.trans(p.to(do.dtype)), do, F32)
-        ds = p * (_dot(do, tl.trans(v), F32) - delta[:, None])
-        dk += _dot(tl.trans(ds.to(q.dtype)), q, F32)
+        dv += tl.dot(tl.trans(_cast(p, DOT, EMULATE_BF16)), do, input_precision=PREC)
+        ds = _cast(p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None]), DOT, EMULATE_BF16)
+        dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
         if PACKED:
-            _store(DQ, row_q, valid_q, dd, D, _dot(ds.to(k.dtype), k, F32) * scale)
-    _store(DK, row_k, valid_k, dd, D, dk * scale)
-    _store(DV, row_k, valid_k, dd, D, dv)
+            _store(DQ, row_q, valid_q, dd, D, tl.dot(ds, k, input_precision=PREC) * scale, EMULATE_BF16)
+    _store(DK, row_k, valid_k, dd, D, dk * scale, EMULATE_BF16)
+    _store(DV, row_k, valid_k, dd, D, dv, EMULATE_BF16)
 
 
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, PAD, OUT, DOUT, LSE, DELTA, DQ, n_seq, H, L, D, scale, qk_scale,
-                   BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr):
+                   BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                   EMULATE_BF16: tl.constexpr):
     """Blocked tiling only: dq of a query block, and its delta for _bwd_dkdv_kernel."""
     pid = tl.program_id(0)
     tile = pid // tl.cdiv(L, BLOCK)
@@ -181,30 +192,34 @@ def _bwd_dq_kernel(Q, K, V, PAD, OUT, DOUT, LSE, DELTA, DQ, n_seq, H, L, D, scal
     dd = tl.arange(0, BLOCK_D)
     seq_q, pos_q, valid_q = _rows(tile, (pid % tl.cdiv(L, BLOCK)) * BLOCK, idx, L, n_seq, 1, False)
     row_q = seq_q * L + pos_q
-    q = _load(Q, row_q, valid_q, dd, D)
-    do = _load(DOUT, row_q, valid_q, dd, D)
+    q = _load(Q, row_q, valid_q, dd, D, DOT)
+    do = _load(DOUT, row_q, valid_q, dd, D, DOT)
     lse = tl.load(LSE + row_q, mask=valid_q, other=0.0)
-    delta = tl.sum(_load(OUT, row_q, valid_q, dd, D).to(tl.float32) * do.to(tl.float32), 1)
+    delta = tl.sum(_load(OUT, row_q, valid_q, dd, D, tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + row_q, delta, mask=valid_q)
     dq = tl.zeros((BLOCK, BLOCK_D), tl.float32)
     for kstart in range(0, L, BLOCK):
         seq_k, pos_k, valid_k = _rows(tile, kstart, idx, L, n_seq, 1, False)
         row_k = seq_k * L + pos_k
         keep = valid_q[:, None] & _keep_keys(PAD, seq_k, pos_k, valid_k, H, L)[None, :]
-        k = _load(K, row_k, valid_k, dd, D)
-        v = _load(V, row_k, valid_k, dd, D)
-        s = _dot(q, tl.trans(k), F32) * qk_scale
+        k = _load(K, row_k, valid_k, dd, D, DOT)
+        v = _load(V, row_k, valid_k, dd, D, DOT)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         p = tl.where(keep, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
-        ds = p * (_dot(do, tl.trans(v), F32) - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, F32)
-    _store(DQ, row_q, valid_q, dd, D, dq * scale)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
+        dq += tl.dot(_cast(ds, DOT, EMULATE_BF16), k, input_precision=PREC)
+    _store(DQ, row_q, valid_q, dd, D, dq * scale, EMULATE_BF16)
 
 
-def _f32_dots(dtype):
-    """Whether the dots run in fp32: for fp32 inputs, and for bf16 under the interpreter,
-    whose tl.dot multiplies bf16 bit patterns as integers (triton 3.x). bf16 products are
-    exact in fp32, so the fp32 dot computes what the bf16 MMA does."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+def _precision(dtype):
+    """Constexprs DOT (operand dtype of the dots), PREC (their input_precision), EMULATE_BF16 (see _cast).
+
+    fp32 runs IEEE dots, not TF32, so it matches the reference to fp32 rounding.
+    """
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        return dict(DOT=tl.float32, PREC="ieee", EMULATE_BF16=True)
+    dot = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+    return dict(DOT=dot, PREC="ieee" if dtype == torch.float32 else "tf32", EMULATE_BF16=False)
 
 
 def _tiling(n_seq, L, D):
@@ -223,7 +238,7 @@ def masked_attention_fwd_triton(q, k, v, pad, scale, out, lse):
         return
     packed, seqs, span, grid, block_d = _tiling(B * H, L, D)
     _fwd_kernel[grid](q, k, v, pad.view(torch.uint8), out, lse, B * H, H, L, D, span, scale * LOG2E,
-                      SEQS=seqs, PACKED=packed, BLOCK=BLOCK, BLOCK_D=block_d, F32=_f32_dots(q.dtype))
+                      SEQS=seqs, PACKED=packed, BLOCK=BLOCK, BLOCK_D=block_d, **_precision(q.dtype))
 
 
 def masked_attention_bwd_triton(dout, q, k, v, pad, out, lse, scale):
@@ -234,12 +249,12 @@ def masked_attention_bwd_triton(dout, q, k, v, pad, out, lse, scale):
         return dq, dk, dv
     packed, seqs, span, grid, block_d = _tiling(B * H, L, D)
     pad = pad.view(torch.uint8)
-    f32 = _f32_dots(q.dtype)
+    precision = _precision(q.dtype)
     delta = lse  # packed: unread (delta comes from O inside the kernel)
     if not packed:
         delta = torch.empty_like(lse)
         _bwd_dq_kernel[grid](q, k, v, pad, out, dout, lse, delta, dq, B * H, H, L, D, scale, scale * LOG2E,
-                             BLOCK=BLOCK, BLOCK_D=block_d, F32=f32)
+                             BLOCK=BLOCK, BLOCK_D=block_d, **precision)
     _bwd_dkdv_kernel[grid](q, k, v, pad, out, dout, lse, delta, dq, dk, dv, B * H, H, L, D, span, scale,
-                           scale * LOG2E, SEQS=seqs, PACKED=packed, BLOCK=BLOCK, BLOCK_D=block_d, F32=f32)
+                           scale * LOG2E, SEQS=seqs, PACKED=packed, BLOCK=BLOCK, BLOCK_D=block_d, **precision)
     return dq, dk, dv
