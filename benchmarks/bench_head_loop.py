@@ -1,6 +1,8 @@
-"""The fused head loop (ops.head_sample_loop) on the CPU against torch eager, and against GEMM.
+"""The fused head loop (ops.head_sample_loop) against torch eager: on the CPU, and on a GPU.
 
     python benchmarks/bench_head_loop.py [--threads N] [--rows 8] [--samples 1000] [--steps 20] [--out FILE]
+    python benchmarks/bench_head_loop.py --device cuda [--rows 1000] [--samples 1000] [--steps 12]
+                                         [--backends cuda,cuda_bf16,triton,torch,compile] [--out FILE]
 
 For the paper-sized head (5 layers x 512) and a 3 x 256 head, both with k = 3 labels, it
 times sampling rows x samples x steps with:
@@ -14,6 +16,15 @@ rate (the head's matmul FLOPs only) as a fraction of each. Issue #4's CPU target
 at least 1.5x torch, and at least 80% of torch's GEMM rate. The machine may be shared:
 all timings take turns (best of --rounds), and the load average at the start and the
 thread count are recorded.
+
+With --device cuda it times, on the same head shapes at rows x samples sample rows
+(10^6 by default): `cuda` (the CUDA C++ kernel in fp32), `cuda_bf16` (its bf16
+tensor-core path), `triton`, `torch` (the reference in eager mode, fp32, TF32 off) and
+`compile` (torch.compile(mode="max-autotune") of the reference; slow to compile, so only
+when asked). It reports each one's time, ratio to torch eager, the head's matmul FLOP
+rate and its fraction of the GPU's dense bf16 peak, and stars (rows) per second, with
+the GPU's name. Issue #4's GPU targets: cuda at least 5x torch eager and 2x compile, and
+at least 50% of the bf16 peak.
 """
 from __future__ import annotations
 
@@ -30,7 +41,7 @@ from densiformer.ops import available_backends
 from densiformer.ops.backends import cpu_extension
 from densiformer.ops.head_sample_loop import head_sample_loop_from_head, philox_normal
 
-from common import device_info, write_result
+from common import best_time, device_info, write_result
 
 HEADS = [(5, 512), (3, 256)]  # (layers, width)
 K = 3
@@ -108,15 +119,120 @@ def bench_head(layers, width, rows, num_samples, steps, rounds):
     return result
 
 
+# Dense bf16 tensor-core peak (no sparsity) by GPU name, FLOP/s, from NVIDIA's data sheets.
+BF16_PEAK = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+GPU_BACKENDS = ("cuda", "cuda_bf16", "triton", "torch", "compile")
+
+
+def bf16_peak(name: str):
+    for key, peak in BF16_PEAK.items():  # the specific names come first
+        if key in name:
+            return peak
+    return None
+
+
+def bench_head_gpu(layers, width, rows, num_samples, steps, rounds, names):
+    from densiformer.ops.head_sample_loop import head_sample_loop_ref, sampler_coefficients
+
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    head = DiffusionHead(16, K, width, layers, 16).to(device).eval()
+    cond = torch.randn(rows, width, device=device)
+    request = torch.ones(rows, K, device=device)
+    schedule = CosineSchedule()
+
+    def fused(backend, precision="fp32"):
+        return lambda: head_sample_loop_from_head(head, cond, request, schedule, SAMPLER, steps, num_samples, seed=0,
+                                                  backend=backend, precision=precision)
+
+    fns = {"cuda": fused("cuda"), "cuda_bf16": fused("cuda", "bf16"), "triton": fused("triton"),
+           "torch": fused("torch")}
+    if "compile" in names:
+        lam, coefs = sampler_coefficients(SAMPLER, schedule, steps)
+        with torch.no_grad():
+            args = (cond, request, head.input.weight, head.input.bias,
+                    torch.stack([layer.weight for layer in head.hidden]),
+                    torch.stack([layer.bias for layer in head.hidden]), head.output.weight, head.output.bias,
+                    head.time_embedding(lam[:-1].to(device=device, dtype=torch.float32)),
+                    coefs.to(device=device, dtype=torch.float32))
+        compiled = torch.compile(head_sample_loop_ref, mode="max-autotune")
+        fns["compile"] = lambda: compiled(*args, num_samples, 0)
+    fns = {name: fns[name] for name in names}
+    with torch.no_grad():
+        compile_start = time.perf_counter()
+        seconds = {}
+        for name, fn in fns.items():  # the first call compiles (torch.compile, Triton): timed apart
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            seconds[name] = time.perf_counter() - start
+        first_call = dict(seconds)
+        for name in fns:
+            seconds[name] = best_time(fns[name], repeats=rounds)
+    m = rows * num_samples
+    flops = head_flops(layers, width, K) * m * steps
+    matmul_flops = 2 * (layers - 1) * width * width * m * steps
+    peak = bf16_peak(torch.cuda.get_device_name(device))
+    result = {
+        "layers": layers, "width": width, "k": K, "rows": rows, "num_samples": num_samples, "steps": steps,
+        "sampler": SAMPLER, "seconds": seconds, "first_call_seconds": first_call,
+        "setup_seconds": time.perf_counter() - compile_start,
+        "tflops": {name: flops / t / 1e12 for name, t in seconds.items()},
+        "speedup_vs_torch_eager": ({name: seconds["torch"] / t for name, t in seconds.items()}
+                                   if "torch" in seconds else None),
+        "speedup_vs_compile": ({name: seconds["compile"] / t for name, t in seconds.items()}
+                               if "compile" in seconds else None),
+        "bf16_peak_tflops": peak / 1e12 if peak else None,
+        # Hidden-layer matmuls only, as issue #4 counts them.
+        "fraction_of_bf16_peak": {name: matmul_flops / t / peak for name, t in seconds.items()} if peak else None,
+        "stars_per_second": {name: rows / t for name, t in seconds.items()},
+    }
+    print(f"{layers} x {width}, {m} sample rows x {steps} steps: " + ", ".join(
+        f"{name} {t * 1e3:.1f} ms ({result['tflops'][name]:.1f} TFLOP/s"
+        + (f", {result['speedup_vs_torch_eager'][name]:.2f}x eager" if "torch" in seconds else "") + ")"
+        for name, t in seconds.items()))
+    return result
+
+
+def main_gpu(args):
+    names = [name.strip() for name in args.backends.split(",") if name.strip()]
+    unknown = set(names) - set(GPU_BACKENDS)
+    if unknown:
+        raise SystemExit(f"unknown backends {sorted(unknown)}; choose from {GPU_BACKENDS}")
+    status = available_backends()
+    for name in names:
+        backend = {"cuda_bf16": "cuda", "compile": "torch"}.get(name, name)
+        if status[backend] is not True:
+            raise SystemExit(f"the {backend} backend is unavailable: {status[backend]}")
+    torch.backends.cuda.matmul.allow_tf32 = False  # the eager reference in true fp32, as the kernels' fp32 path
+    gpu = torch.cuda.get_device_name()
+    results = [bench_head_gpu(layers, width, args.rows, args.samples, args.steps, args.rounds, names)
+               for layers, width in HEADS]
+    write_result(f"head_loop_gpu_{gpu.replace(' ', '_')}", {
+        "device": device_info(torch.device("cuda")), "gpu": gpu, "backends": names,
+        "targets": {"speedup_cuda_vs_torch_eager": 5.0, "speedup_cuda_vs_compile": 2.0,
+                    "fraction_of_bf16_peak": 0.5},
+        "heads": results}, args.out)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=None, help="default: 8 on the CPU, 1000 on a GPU")
     parser.add_argument("--samples", type=int, default=1000)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=None, help="default: 20 on the CPU, 12 on a GPU")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--backends", default="cuda,cuda_bf16,triton,torch",
+                        help=f"--device cuda only: a comma-separated subset of {','.join(GPU_BACKENDS)}")
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.device == "cuda":
+        args.rows = 1000 if args.rows is None else args.rows
+        args.steps = 12 if args.steps is None else args.steps
+        return main_gpu(args)
+    args.rows = 8 if args.rows is None else args.rows
+    args.steps = 20 if args.steps is None else args.steps
     status = available_backends()["cpu"]
     if status is not True:
         raise SystemExit(f"the cpu backend is unavailable: {status}")

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Everything a GPU session does for the CUDA kernels (issues #4, #5), in one script:
+#
+#   build     DENSIFORMER_CUDA=1 pip install -e . (both modules, nvcc for sm_80 + sm_90a)
+#   test      tests/test_cuda_kernels.py, tests/test_head_sample_loop.py, tests/test_masked_attention.py
+#   sanitize  compute-sanitizer memcheck on small runs of both kernels, racecheck on the head loop
+#   bench     benchmarks/bench_head_loop.py --device cuda (cuda, cuda_bf16, triton, torch eager),
+#             then torch.compile(max-autotune) against cuda; benchmarks/bench_attention.py if present
+#
+#   bash benchmarks/gpu_session.sh [STAGE ...]      (default: build test sanitize bench)
+#
+# Every step has its own time limit, so one call never runs away: `build test sanitize`
+# takes at most ~9 minutes and `build bench` at most ~9.5 (the build is incremental on a
+# warm machine, about a minute from scratch on 16 cores). Output goes to $OUT when it
+# is set (the device tool's folder that comes back), else benchmarks/results/gpu_session:
+# session.log (everything), summary.txt (one line per step), tests.xml, and the JSON
+# results. The exit status is 1 if any step failed; later steps still run.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+
+OUT_DIR="${OUT:-benchmarks/results/gpu_session}"
+mkdir -p "$OUT_DIR"
+PY="${PYTHON:-python3}"
+export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+LOG="$OUT_DIR/session.log"
+SUMMARY="$OUT_DIR/summary.txt"
+failed=0
+
+# step NAME SECONDS COMMAND...: run with a time limit, log it, record the outcome.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  local start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  local line="$name: exit $rc after $((SECONDS - start)) s"
+  [ "$rc" -eq 124 ] && line="$line (time limit)"
+  echo "$line" | tee -a "$LOG" >>"$SUMMARY"
+  [ "$rc" -eq 0 ] || failed=1
+  return "$rc"
+}
+
+stage_build() {
+  {
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    nvcc --version | tail -2
+    "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, torch.version.cuda)"
+  } 2>&1 | tee -a "$LOG" >>"$SUMMARY"
+  step build 240 env DENSIFORMER_CUDA=1 "$PY" -m pip install -e . --no-build-isolation --no-deps -q
+  step import 60 "$PY" -c "import densiformer; print(densiformer.ops.available_backends())"
+}
+
+stage_test() {
+  step test 270 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT_DIR/tests.xml" \
+    tests/test_cuda_kernels.py tests/test_head_sample_loop.py tests/test_masked_attention.py
+}
+
+stage_sanitize() {
+  # Without torch's caching allocator each tensor is its own allocation: memcheck then
+  # sees accesses past a tensor's end, not only past a cached block's.
+  step memcheck 110 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
+    "$PY" benchmarks/sanitize_cuda.py
+  step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" benchmarks/sanitize_cuda.py head
+}
+
+stage_bench() {
+  step bench_head 170 "$PY" benchmarks/bench_head_loop.py --device cuda --rounds 3 \
+    --backends cuda,cuda_bf16,triton,torch --out "$OUT_DIR/head_loop_gpu.json"
+  step bench_head_compile 210 "$PY" benchmarks/bench_head_loop.py --device cuda --rounds 3 \
+    --backends cuda,cuda_bf16,compile --out "$OUT_DIR/head_loop_gpu_compile.json"
+  if [ -f benchmarks/bench_attention.py ]; then
+    local marker="$OUT_DIR/.attention_start"
+    touch "$marker"
+    step bench_attention 150 "$PY" benchmarks/bench_attention.py
+    # It writes under benchmarks/results/; bring what it wrote along.
+    find benchmarks/results -maxdepth 1 -name '*.json' -newer "$marker" -exec cp {} "$OUT_DIR/" \;
+    rm -f "$marker"
+  else
+    echo "bench_attention: benchmarks/bench_attention.py is not there, skipped" | tee -a "$LOG" >>"$SUMMARY"
+  fi
+}
+
+for stage in "${@:-build test sanitize bench}"; do
+  for s in $stage; do
+    case "$s" in
+      build | test | sanitize | bench) "stage_$s" || true ;;
+      *) echo "unknown stage $s (build, test, sanitize, bench)" >&2; exit 2 ;;
+    esac
+  done
+done
+echo "--- summary ($SUMMARY)"
+cat "$SUMMARY"
+exit "$failed"
