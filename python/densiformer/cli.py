@@ -111,6 +111,35 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _column_map(text: str) -> dict[str, str]:
+    mapping = {}
+    for item in _names(text):
+        model_name, sep, file_name = item.partition("=")
+        if not sep or not model_name.strip() or not file_name.strip():
+            raise argparse.ArgumentTypeError(f"--columns takes model_name=catalog_name pairs, got {item!r}")
+        mapping[model_name.strip()] = file_name.strip()
+    return mapping
+
+
+def cmd_infer(args) -> int:
+    options = dict(request=args.request, num_samples=args.num_samples, seed=args.seed, id_column=args.id_column,
+                   columns=args.columns, sampler=args.sampler, steps=args.steps, backend=args.backend,
+                   samples=args.samples, log_prob_of=args.log_prob_of)
+    if args.ray:
+        from .inference.ray import infer_ray
+
+        result = infer_ray(args.catalog, args.model, args.out, address=args.ray_address,
+                           rows_per_batch=args.batch_size, device=args.device, **options)
+    else:
+        from .inference import infer
+
+        result = infer(args.catalog, args.model, args.out, rows_per_part=args.batch_size, resume=args.resume,
+                       device=args.device, **options)
+    print(f"{result.rows} rows in {result.out} ({result.computed} computed in {result.seconds:.1f} s, "
+          f"{result.rows_per_second:.0f} rows/s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="densiformer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +168,31 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--head-width", type=int, default=256)
     tr.add_argument("--head-layers", type=int, default=3)
     tr.set_defaults(func=cmd_train)
+
+    inf = sub.add_parser("infer", help="posterior summaries for every row of a catalog, streamed to Parquet")
+    inf.add_argument("catalog", help="Parquet file or directory of parts, CSV, FITS or HDF5")
+    inf.add_argument("--model", required=True, help="model directory (see `densiformer train`)")
+    inf.add_argument("--request", type=_names, help="comma-separated targets to summarise (default: all)")
+    inf.add_argument("--num-samples", type=int, default=100, help="samples per row (default: %(default)s)")
+    inf.add_argument("--out", required=True, help="output Parquet dataset (a directory)")
+    inf.add_argument("--id-column", help="catalog column to copy as the row id (default: the row index, `row`)")
+    inf.add_argument("--columns", type=_column_map, default={},
+                     help="model_name=catalog_name,... for columns named differently in the catalog")
+    inf.add_argument("--samples", action="store_true", help="also write the samples (fixed-size list columns)")
+    inf.add_argument("--log-prob-of", type=_names, default=[],
+                     help="targets whose observed values' joint log density to write as `log_prob`")
+    inf.add_argument("--seed", type=int, default=0)
+    inf.add_argument("--sampler", choices=["ddpm", "ddim", "heun", "dpmpp2m"], help="default: the measured best")
+    inf.add_argument("--steps", type=int, help="sampler steps (default: the sampler's)")
+    inf.add_argument("--backend", default="auto", help="head-loop kernel: auto, cpu, triton, cuda or torch")
+    inf.add_argument("--device", default="auto")
+    inf.add_argument("--batch-size", type=int,
+                     help="rows per part file (with --ray: per batch); default: from free memory")
+    inf.add_argument("--resume", action="store_true", help="finish the job already in --out")
+    inf.add_argument("--ray", action="store_true", help="run on a Ray cluster with Ray Data (Parquet input)")
+    inf.add_argument("--ray-address", help="address of an existing Ray cluster (default: RAY_ADDRESS, "
+                     "else start a local one)")
+    inf.set_defaults(func=cmd_infer)
     return parser
 
 
@@ -146,6 +200,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"densiformer {args.command}: error: {err}", file=sys.stderr)
         return 2

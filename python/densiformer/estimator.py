@@ -17,7 +17,7 @@ from .data.tables import to_matrix
 from .diffusion import likelihood, samplers
 from .diffusion.schedules import DiscreteDDPMSchedule, get_schedule
 from .model import DensityModel
-from .ops.head_sample_loop import head_sample_loop_from_head
+from .ops.head_sample_loop import head_sample_loop_from_head, philox_normal
 from .training import TrainingHistory, train
 
 FORMAT = "densiformer-model"
@@ -40,11 +40,6 @@ def resolve_device(device) -> torch.device:
 def _rows_per_batch(num_samples: int) -> int:
     """Rows sampled at once: a power of two, so that larger chunks split on its multiples."""
     return 1 << max(0, (SAMPLE_ROWS_PER_BATCH // num_samples).bit_length() - 1)
-
-
-def _batch_seed(seed: int, start: int) -> int:
-    """A generator seed for the batch of rows that starts at `start`."""
-    return int(np.random.SeedSequence([seed, start]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def _is_path(data) -> bool:
@@ -184,11 +179,12 @@ class DensityEstimator:
 
     # ------------------------------------------------------------------ sampling
     def _sample_normalized(self, values: np.ndarray, request_idx, num_samples, sampler, steps, backend,
-                           seed, progress, row_offset=0) -> np.ndarray:
+                           seed, progress, row_offset=0, rows_per_batch=None) -> np.ndarray:
         """Samples (n, num_samples, k) in normalised units for normalised input rows.
 
-        Noise for each batch is seeded by (seed, global row index of its first row), so
-        a caller that splits rows at multiples of `_rows_per_batch` gets the same samples.
+        Noise is keyed by (seed, global row = row_offset + local row, sample, step), so a
+        row's samples do not depend on how the rows are split into calls or batches.
+        rows_per_batch: rows evaluated at once (None: `_rows_per_batch(num_samples)`).
         """
         sampler = sampler or DEFAULT_SAMPLER
         steps = steps or DEFAULT_STEPS.get(sampler)
@@ -199,7 +195,7 @@ class DensityEstimator:
         # coarser grid on it); the others on the schedule the model was trained with.
         schedule = PAPER_DDPM_SCHEDULE if sampler == "ddpm" else self.schedule
         out = np.empty((len(values), num_samples, len(request_idx)), dtype=np.float32)
-        rows_per_batch = _rows_per_batch(num_samples)
+        rows_per_batch = rows_per_batch or _rows_per_batch(num_samples)
         show = progress if progress is not None else len(values) * num_samples > 1 << 20
         K = len(self.targets)
         with torch.no_grad(), tqdm(total=len(values), disable=not show, desc="sampling", unit="row") as bar:
@@ -215,17 +211,19 @@ class DensityEstimator:
                         self.model.head, cond, request, schedule, sampler, steps, num_samples, seed,
                         row_offset=row_offset + start, backend=backend)[..., request_idx]
                 else:
-                    generator = torch.Generator(self.device).manual_seed(_batch_seed(seed, row_offset + start))
-                    noise = torch.randn(len(chunk), num_samples, len(request_idx), generator=generator,
-                                        device=self.device)
+                    # Heun is deterministic given x_T, which comes from the same Philox
+                    # stream as the fused samplers' x_T.
+                    noise = philox_normal(seed, len(chunk), num_samples, len(request_idx), 0,
+                                          row_offset + start, device=self.device)
                     x0 = samplers.sample(sampler, self._denoiser(cond[:, None, :], request_idx), noise, schedule,
-                                         steps, generator=generator)
+                                         steps)
                 out[start:start + len(chunk)] = x0.cpu().numpy()
                 bar.update(len(chunk))
         return out
 
     def sample(self, inputs, request=None, num_samples: int = 1000, steps=None, sampler=None,
-               backend="auto", seed: int = 0, *, progress=None) -> np.ndarray:
+               backend="auto", seed: int = 0, *, progress=None, event=None, guidance="moment",
+               guidance_options=None) -> np.ndarray:
         """Draw samples of the requested targets for every row of `inputs`.
 
         Returns an array (n_rows, num_samples, len(request)) in physical units. The same
@@ -233,12 +231,22 @@ class DensityEstimator:
         its 120-step schedule), "ddim", "heun", "dpmpp2m"; None picks DEFAULT_SAMPLER
         (DPM-Solver++(2M), 12 steps: as good as 120-step DDPM by a classifier test, at a
         tenth of the cost). steps: None picks that sampler's default (DEFAULT_STEPS).
+        event: a densiformer.events event in physical units of the requested targets;
+        samples are then drawn from p(request | inputs, event) with `guidance` ("moment",
+        "dps" or "interval"; see guidance.scores) on the generic sampler loop (default
+        120-step DDPM), not the fused kernel.
         """
         self._require_fitted()
         request = self._request(request)
         if num_samples < 1:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
         values = self._normalized(inputs)
+        if event is not None:
+            from .guidance.estimator_api import sample_guided
+
+            z = sample_guided(self, values, request, num_samples, event, guidance, guidance_options, sampler,
+                              steps, seed, bool(progress))
+            return self.schema.denormalize(z, request).astype(np.float32)
         request_idx = [self.targets.index(r) for r in request]
         z = self._sample_normalized(values, request_idx, num_samples, sampler, steps, backend, seed, progress)
         return self.schema.denormalize(z, request).astype(np.float32)
@@ -323,6 +331,26 @@ class DensityEstimator:
                 out[idx] = self._log_prob_normalized(zt, cond, request_idx, **options).cpu().numpy()
                 bar.update(len(idx))
         return out + self.schema.log_abs_det(request)
+
+    def event_probability(self, inputs, request=None, event=None, num_samples: int = 256, *,
+                          guidance="moment", guidance_options=None, estimator="direct", sampler=None, steps=None,
+                          seed: int = 0, log=False, ode_options=None, progress=None):
+        """P(event | inputs) per row and its standard error: two ndarrays (n_rows,).
+
+        estimator "direct" (Finzi et al. 2023: log p(x) - log p(x | E) over `num_samples`
+        guided draws, both from the probability-flow ODE), "importance" (E_q[1_E p / q]),
+        or "monte_carlo" (the fraction of unguided draws in the event). log=True returns
+        log P and its standard error instead. See guidance.probability.
+        """
+        from .guidance.estimator_api import event_probability
+
+        self._require_fitted()
+        if event is None:
+            raise ValueError("event_probability needs an event (densiformer.events.Above, Below, ...)")
+        request = self._request(request)
+        out = event_probability(self, self._normalized(inputs), request, event, num_samples, guidance,
+                                guidance_options, estimator, sampler, steps, seed, ode_options, bool(progress))
+        return (out[2], out[3]) if log else (out[0], out[1])
 
     def posterior(self, request=None, **options):
         """An sbi-style posterior over the requested targets; see `posterior.Posterior`."""
