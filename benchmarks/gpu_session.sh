@@ -9,9 +9,10 @@
 #
 #   bash benchmarks/gpu_session.sh [STAGE ...]      (default: build test sanitize bench)
 #
-# Every step has its own time limit, so one call never runs away: `build test sanitize`
-# takes at most ~9 minutes and `build bench` at most ~9.5 (the build is incremental on a
-# warm machine, about a minute from scratch on 16 cores). Output goes to $OUT when it
+# Every step has its own time limit, so a call never runs away: `build test sanitize`
+# and `build bench` each take at most 9.5 minutes (the device tool's 10-minute limit per
+# call); all four stages at most 19. The build is incremental on a warm machine, about a
+# minute from scratch on 16 cores. Output goes to $OUT when it
 # is set (the device tool's folder that comes back), else benchmarks/results/gpu_session:
 # session.log (everything), summary.txt (one line per step), tests.xml, and the JSON
 # results. The exit status is 1 if any step failed; later steps still run.
@@ -48,32 +49,32 @@ stage_build() {
     nvcc --version | tail -2
     "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, torch.version.cuda)"
   } 2>&1 | tee -a "$LOG" >>"$SUMMARY"
-  step build 240 env DENSIFORMER_CUDA=1 "$PY" -m pip install -e . --no-build-isolation --no-deps -q
-  step import 60 "$PY" -c "import densiformer; print(densiformer.ops.available_backends())"
+  step build 150 env DENSIFORMER_CUDA=1 "$PY" -m pip install -e . --no-build-isolation --no-deps -q
+  step import 30 "$PY" -c "import densiformer; print(densiformer.ops.available_backends())"
 }
 
 stage_test() {
-  step test 270 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT_DIR/tests.xml" \
+  step test 240 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT_DIR/tests.xml" \
     tests/test_cuda_kernels.py tests/test_head_sample_loop.py tests/test_masked_attention.py
 }
 
 stage_sanitize() {
   # Without torch's caching allocator each tensor is its own allocation: memcheck then
   # sees accesses past a tensor's end, not only past a cached block's.
-  step memcheck 110 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
+  step memcheck 100 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
     "$PY" benchmarks/sanitize_cuda.py
-  step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" benchmarks/sanitize_cuda.py head
+  step racecheck 50 compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" benchmarks/sanitize_cuda.py head
 }
 
 stage_bench() {
-  step bench_head 170 "$PY" benchmarks/bench_head_loop.py --device cuda --rounds 3 \
+  step bench_head 150 "$PY" benchmarks/bench_head_loop.py --device cuda --rounds 3 \
     --backends cuda,cuda_bf16,triton,torch --out "$OUT_DIR/head_loop_gpu.json"
-  step bench_head_compile 210 "$PY" benchmarks/bench_head_loop.py --device cuda --rounds 3 \
+  step bench_head_compile 160 "$PY" benchmarks/bench_head_loop.py --device cuda --rounds 3 \
     --backends cuda,cuda_bf16,compile --out "$OUT_DIR/head_loop_gpu_compile.json"
   if [ -f benchmarks/bench_attention.py ]; then
     local marker="$OUT_DIR/.attention_start"
     touch "$marker"
-    step bench_attention 150 "$PY" benchmarks/bench_attention.py
+    step bench_attention 80 "$PY" benchmarks/bench_attention.py
     # It writes under benchmarks/results/; bring what it wrote along.
     find benchmarks/results -maxdepth 1 -name '*.json' -newer "$marker" -exec cp {} "$OUT_DIR/" \;
     rm -f "$marker"
