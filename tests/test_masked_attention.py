@@ -92,7 +92,7 @@ NAMES = ("out", "dq", "dk", "dv")
 
 # ------------------------------------------------------------------ the reference's meaning
 def test_reference_padding_and_fully_padded_rows():
-    q, k, v, dout, mask = _case(7, 8, torch.float64, "cpu")
+    q, k, v, _, mask = _case(7, 8, torch.float64, "cpu")
     out = masked_attention_ref(q, k, v, mask)
     assert torch.equal(out[0], torch.zeros_like(out[0]))  # all keys padded: zeros, not NaN
     # Changing a padded key or value changes nothing.
@@ -137,7 +137,7 @@ def test_low_precision_within_twice_torch_error(backend, dtype, L, D):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_non_contiguous_inputs_and_explicit_scale(backend):
     _skip_unless(backend)
-    q, k, v, dout, mask = _case(9, 16, torch.float32, _device(backend))
+    q, k, v, _, mask = _case(9, 16, torch.float32, _device(backend))
     qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     assert not qt.is_contiguous()
     out = masked_attention(qt, kt, vt, mask, scale=0.3, backend=backend)
@@ -224,6 +224,14 @@ def test_hundred_thousand_sequences_in_one_call(backend):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_runs_head_dims_the_cuda_kernel_lacks():
+    q, k, v, _, mask = _case(20, 24, torch.float32, "cuda")
+    out = masked_attention(q, k, v, mask)
+    truth = masked_attention_ref(q.double(), k.double(), v.double(), mask)
+    assert _relative_errors([out], [truth])[0] <= FP32_RTOL
+
+
 # ------------------------------------------------------------------ MaskedSelfAttention
 def _mha_pair(E=24, heads=3, batch_first=True, backend="auto", bias=True, seed=0):
     torch.manual_seed(seed)
@@ -276,8 +284,8 @@ def test_self_attention_state_dict_round_trip_and_layouts():
                                fresh(x[:, 0], x[:, 0], x[:, 0], need_weights=False)[0])
 
 
-@pytest.mark.parametrize("kwargs", [dict(add_bias_kv=True), dict(add_zero_attn=True), dict(kdim=5), dict(vdim=5),
-                                    dict(dropout=0.1)])
+@pytest.mark.parametrize("kwargs", [{"add_bias_kv": True}, {"add_zero_attn": True}, {"kdim": 5}, {"vdim": 5},
+                                    {"dropout": 0.1}])
 def test_self_attention_unsupported_options_raise(kwargs):
     with pytest.raises(NotImplementedError, match="does not support"):
         dfm.nn.MaskedSelfAttention(24, 3, **kwargs)

@@ -1,4 +1,4 @@
-"""MaskedSelfAttention: torch.nn.MultiheadAttention's self-attention with a key padding mask, on ops.masked_attention."""
+"""MaskedSelfAttention: MultiheadAttention's self-attention with a key padding mask, on ops.masked_attention."""
 from __future__ import annotations
 
 import torch

@@ -217,9 +217,9 @@ def _precision(dtype):
     fp32 runs IEEE dots, not TF32, so it matches the reference to fp32 rounding.
     """
     if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
-        return dict(DOT=tl.float32, PREC="ieee", EMULATE_BF16=True)
+        return {"DOT": tl.float32, "PREC": "ieee", "EMULATE_BF16": True}
     dot = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
-    return dict(DOT=dot, PREC="ieee" if dtype == torch.float32 else "tf32", EMULATE_BF16=False)
+    return {"DOT": dot, "PREC": "ieee" if dtype == torch.float32 else "tf32", "EMULATE_BF16": False}
 
 
 def _tiling(n_seq, L, D):

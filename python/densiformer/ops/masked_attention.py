@@ -23,6 +23,7 @@ from .backends import resolve_backend
 COMPILED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CUDA_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # densiformer._C_cuda's dtype_code
 MAX_HEAD_DIM = 128
+CUDA_HEAD_DIMS = (8, 16, 32, 64, 128)  # the CUDA C++ kernel's instantiations
 
 
 def masked_attention_ref(q, k, v, key_padding_mask, scale=None):
@@ -65,6 +66,9 @@ def _check_compiled(q, v, backend):
     if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] != q.shape[-1]:
         raise ValueError(f"the {backend} backend takes one head dim <= {MAX_HEAD_DIM} for q, k and v; got "
                          f"{q.shape[-1]} and {v.shape[-1]}")
+    if backend == "cuda" and q.shape[-1] not in CUDA_HEAD_DIMS:
+        raise ValueError(f"the cuda backend takes head dims {CUDA_HEAD_DIMS}, got {q.shape[-1]}; "
+                         "the triton backend takes any up to 128")
 
 
 @torch.library.custom_op("densiformer::masked_attention_fwd", mutates_args=())
@@ -131,11 +135,14 @@ def masked_attention(q, k, v, key_padding_mask, *, scale=None, backend="auto"):
 
     backend: "auto" (cuda, then triton, for CUDA tensors; torch on the CPU), "torch",
     "triton", "cuda"; naming one that cannot run here raises RuntimeError saying why.
+    "auto" passes over cuda for head dims its kernel lacks (see CUDA_HEAD_DIMS).
     The compiled backends take fp32, bf16 and fp16 with head dims up to 128, accumulate
     in fp32, and copy non-contiguous inputs to contiguous ones.
     """
     _check(q, k, v, key_padding_mask)
     name = resolve_backend("masked_attention", backend, q.device)
+    if name == "cuda" and backend == "auto" and q.shape[-1] not in CUDA_HEAD_DIMS:
+        name = "triton" if backends.available_backends()["triton"] is True else "torch"
     if name == "torch":
         return masked_attention_ref(q, k, v, key_padding_mask, scale)
     _check_compiled(q, v, name)
