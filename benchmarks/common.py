@@ -6,10 +6,11 @@ import os
 import platform
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+from densiformer.bench import best_time, cpu_name  # noqa: F401 (best_time: for the scripts)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -20,34 +21,9 @@ def device_info(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     else:
-        info["cpu"] = _cpu_name()
+        info["cpu"] = cpu_name()
         info["cores"] = os.cpu_count()
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def best_time(fn, repeats: int = 3) -> float:
-    """Best wall time of `repeats` calls, in seconds (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def write_result(name: str, payload: dict, out: str | None) -> Path:

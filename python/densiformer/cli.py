@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 
@@ -62,24 +61,12 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _demo_stars(test):
-    """A few test-split stars: two red giants, two red dwarfs and two bluer stars."""
-    good = test[(test.plx > 0) & (test.plx / test.e_plx > 10)]
-    red = good[good.b_v > 1.0]
-    picks = [red[red.abs_hpmag < 2].head(2), red[red.abs_hpmag > 6].head(2), good[good.b_v < 0.6].head(2)]
-    import pandas as pd
-
-    return pd.concat(picks)
-
-
 def cmd_demo(args) -> int:
-    from . import DensityEstimator, ModelConfig
+    from . import DensityEstimator, ModelConfig, demo
     from .assets import default_model
     from .datasets import hipparcos
-    from .summary import summarize_samples
 
     out = Path(args.out)
-    started = time.perf_counter()
     if args.train:
         model_dir = out / "model"
         print(f"training a small model on the Hipparcos training split ({args.epochs} epochs) ...")
@@ -91,23 +78,20 @@ def cmd_demo(args) -> int:
     else:
         est = default_model()
         print(f"using the bundled Hipparcos model (trained by: {est.training['command']})")
-
-    stars = _demo_stars(hipparcos("test"))
-    # Colours, magnitude and proper motions only: the parallax is withheld, so the model
-    # must infer the absolute magnitude, and whether a red star is a giant or a dwarf.
-    inputs = stars[["b_v", "v_i", "hpmag", "pmra", "pmdec"]]
-    draws = est.sample(inputs, request=["abs_hpmag"], num_samples=args.num_samples, seed=0)
-    summary = summarize_samples(draws, ["abs_hpmag"]).to_pandas()
-    giant = (draws[..., 0] < 3.5).mean(1)
-    print("\nM_Hp posterior without the parallax (given B-V, V-I, Hp and proper motion):")
-    print(f"{'HIP':>7} {'B-V':>6} {'M_Hp cat':>9} {'median':>7} {'16%':>6} {'84%':>6} {'modes':>6} {'P(giant)':>9}")
-    for (_, star), (_, s), g in zip(stars.iterrows(), summary.iterrows(), giant):
-        print(f"{int(star.hip):>7} {star.b_v:>6.2f} {star.abs_hpmag:>9.2f} {s.abs_hpmag_median:>7.2f} "
-              f"{s.abs_hpmag_q16:>6.2f} {s.abs_hpmag_q84:>6.2f} {int(s.abs_hpmag_n_modes):>6} {g:>9.2f}")
-    out.mkdir(parents=True, exist_ok=True)
-    summary.insert(0, "hip", stars.hip.to_numpy())
-    summary.to_parquet(out / "summaries.parquet")
-    print(f"\nsummaries written to {out / 'summaries.parquet'} ({time.perf_counter() - started:.0f} s in all)")
+    done = demo.run(est, out, num_samples=args.num_samples)
+    star, paths = done["star"], done["paths"]
+    print(f"\n{done['rows']:,} stars inferred in {done['infer_seconds']:.0f} s; the true M_Hp falls in the "
+          f"central 68% interval for {100 * done['coverage68']:.1f}% of them")
+    print(f"red star HIP {int(star.hip)} (B-V {star.b_v:.2f}, catalogue M_Hp {star.abs_hpmag:.2f}): "
+          + "; ".join(f"P(giant) {p:.2f} {label}" for label, p in done["fractions"].items()))
+    print("\nwritten:")
+    for what, label in (("catalog", "input catalogue (parallax withheld)"),
+                        ("posteriors", "posterior summaries and samples (Parquet dataset)"),
+                        ("hr_diagram", "HR diagram, catalogue vs posterior medians"),
+                        ("red_star", "M_Hp posterior of a red star: giant or dwarf"),
+                        ("calibration", "calibration (PIT and coverage) on the test split")):
+        print(f"  {paths[what]}  {label}")
+    print(f"done in {done['seconds']:.0f} s")
     return 0
 
 
@@ -140,13 +124,19 @@ def cmd_infer(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from . import bench
+
+    return bench.main(args.out, args.rows, args.num_samples)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="densiformer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="posterior summaries for Hipparcos stars with the bundled model")
     demo.add_argument("--out", default="densiformer_demo", help="output directory (default: %(default)s)")
-    demo.add_argument("--num-samples", type=int, default=1000)
+    demo.add_argument("--num-samples", type=int, default=200, help="samples per star (default: %(default)s)")
     demo.add_argument("--train", action="store_true",
                       help="train a fresh small model on the Hipparcos training split instead")
     demo.add_argument("--epochs", type=int, default=8, help="epochs for --train (default: %(default)s)")
@@ -193,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--ray-address", help="address of an existing Ray cluster (default: RAY_ADDRESS, "
                      "else start a local one)")
     inf.set_defaults(func=cmd_infer)
+
+    be = sub.add_parser("bench", help="sampling speed of the bundled model on each backend here")
+    be.add_argument("--out", help="also write the results to this JSON file")
+    be.add_argument("--rows", type=int, default=256)
+    be.add_argument("--num-samples", type=int, default=100)
+    be.set_defaults(func=cmd_bench)
+    from .guidance.cli import add_events_parser
+
+    add_events_parser(sub)
     return parser
 
 

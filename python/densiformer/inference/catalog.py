@@ -36,6 +36,8 @@ MANIFEST_FORMAT = "densiformer-infer"
 MANIFEST_VERSION = 1
 MAX_ROWS_PER_PART = 1 << 16
 MIN_ROWS_PER_PART = 1 << 8
+# Keeps a part to about a minute of CPU work (seconds on a GPU): a crash loses little.
+MAX_SAMPLES_PER_PART = 1 << 22
 
 
 @dataclass
@@ -61,10 +63,11 @@ def _available_ram() -> int:
 def auto_rows_per_part(num_samples: int, k: int, samples: bool) -> int:
     """Rows per part, from free RAM: a part's draws and their summaries' temporaries
     (about six float32 copies of rows x num_samples x k, one more with samples) take
-    at most 1/8 of the available memory, capped at 1 GiB. A power of two."""
+    at most 1/8 of the available memory, capped at 1 GiB, and a part holds at most
+    MAX_SAMPLES_PER_PART samples. A power of two."""
     per_row = 4 * num_samples * k * (7 if samples else 6)
     budget = min(_available_ram() // 8, 1 << 30)
-    rows = max(MIN_ROWS_PER_PART, min(MAX_ROWS_PER_PART, budget // per_row))
+    rows = max(MIN_ROWS_PER_PART, min(MAX_ROWS_PER_PART, budget // per_row, MAX_SAMPLES_PER_PART // num_samples))
     return 1 << (int(rows).bit_length() - 1)
 
 
