@@ -201,3 +201,26 @@ def test_cli_infer_and_its_errors(model_dir, catalog, tmp_path, capsys):
     assert "id column 'missing'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["infer", str(path), "--model", str(model_dir), "--columns", "a:b", "--out", str(tmp_path / "z")])
+
+
+def test_out_of_memory_halves_the_batch_and_loses_no_row(tiny_estimator, catalog, tmp_path, monkeypatch):
+    import torch
+
+    from densiformer.inference import predict
+
+    path, _ = catalog
+    infer(path, tiny_estimator, tmp_path / "ref", request=["y"], num_samples=16, rows_per_part=250, progress=False)
+    real = tiny_estimator._sample_normalized
+    batches = []
+
+    def small_memory(*args, rows_per_batch=None, **kwargs):
+        batches.append(rows_per_batch)
+        if rows_per_batch > 32:  # a device that holds 32 rows at a time
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, rows_per_batch=rows_per_batch, **kwargs)
+
+    monkeypatch.setattr(tiny_estimator, "_sample_normalized", small_memory)
+    monkeypatch.setattr(predict, "_rows_per_batch", lambda num_samples: 256)
+    infer(path, tiny_estimator, tmp_path / "out", request=["y"], num_samples=16, rows_per_part=250, progress=False)
+    assert batches[:4] == [256, 128, 64, 32] and set(batches[4:]) == {32}  # halved once, then kept
+    pd.testing.assert_frame_equal(read(tmp_path / "out"), read(tmp_path / "ref"))
