@@ -23,6 +23,7 @@ BACKENDS = ("torch", "cpu", "triton", "cuda")
 IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "masked_attention": ("cuda", "triton", "torch"),
     "head_sample_loop": ("cuda", "cpu", "triton", "torch"),
+    "head_log_prob": ("cpu", "triton", "torch"),
 }
 
 
