@@ -283,9 +283,31 @@ class DensityEstimator:
         return pa.concat_tables(tables)
 
     # ------------------------------------------------------------------ densities
-    def _log_prob_normalized(self, z: torch.Tensor, cond: torch.Tensor, request_idx, **ode_options):
-        """log p(z | condition) in normalised units; z (..., n, k) against cond (n, width)."""
-        return likelihood.log_prob(self._denoiser(cond, request_idx), z, self.schedule, **ode_options)
+    def _log_prob_normalized(self, z: torch.Tensor, cond: torch.Tensor, request_idx, *, method: str = "adaptive",
+                             steps: int = 32, rtol: float = 1e-5, atol: float = 1e-5, backend: str = "auto"):
+        """log p(z | condition) in normalised units; z (..., n, k) against cond (n, width).
+
+        method "fixed" (RK4, `steps` steps) runs the fused op ops.head_log_prob on `backend`:
+        the same integral as likelihood.log_prob(method="fixed"), with the exact divergence
+        from tangents carried through the head. "adaptive" runs likelihood.log_prob's
+        generic path, which is torch only: naming a compiled backend with it is an error.
+        """
+        if method != "fixed":
+            if backend not in ("auto", "torch"):
+                raise ValueError(f"backend={backend!r} needs method='fixed'; method={method!r} runs in torch")
+            return likelihood.log_prob(self._denoiser(cond, request_idx), z, self.schedule, method=method,
+                                       steps=steps, rtol=rtol, atol=atol)
+        from .ops.head_log_prob import head_log_prob_from_head
+
+        K, width, lead = len(self.targets), cond.shape[-1], z.shape[:-1]
+        x0 = cond.new_zeros(*lead, K)
+        x0[..., request_idx] = z.to(cond.dtype)
+        request = cond.new_zeros(K)
+        request[request_idx] = 1
+        rows = x0.reshape(-1, K)
+        logp = head_log_prob_from_head(self.model.head, cond.expand(*lead, width).reshape(-1, width),
+                                       request.expand(len(rows), K), rows, self.schedule, steps, backend)
+        return logp.reshape(lead)
 
     def _values_matrix(self, values, request) -> np.ndarray:
         """The points to evaluate, (n_rows, k) in physical units, from an array or a table."""
@@ -299,14 +321,16 @@ class DensityEstimator:
 
     def log_prob(self, values, inputs=None, request=None, *, method: str = "adaptive", steps: int = 32,
                  rtol: float = 1e-5, atol: float = 1e-5, rows_per_chunk: int = 4096,
-                 progress=None) -> np.ndarray:
+                 progress=None, backend: str = "auto") -> np.ndarray:
         """Natural-log density of `values` given `inputs`, in physical units: shape (n_rows,).
 
         values: (n_rows, len(request)) array in the order of `request`, or a table with
         the requested names. inputs: the conditioning rows (None: nothing observed).
         The density is exact up to the ODE solver's tolerance: the probability-flow ODE
         with the exact divergence (see diffusion.likelihood), plus the log-Jacobian of
-        the normalisation. Rows whose values contain NaN get NaN.
+        the normalisation. Rows whose values contain NaN get NaN. method: "adaptive"
+        (Dormand-Prince to rtol/atol) or "fixed" (RK4 in `steps` steps, run by the fused
+        head_log_prob kernel on `backend`: "auto", "torch", "cpu", "triton").
         """
         self._require_fitted()
         request = self._request(request)
@@ -321,7 +345,7 @@ class DensityEstimator:
         out = np.full(len(z), np.nan)
         ok = ~np.isnan(z).any(1)
         rows = np.flatnonzero(ok)
-        options = dict(method=method, steps=steps, rtol=rtol, atol=atol)
+        options = dict(method=method, steps=steps, rtol=rtol, atol=atol, backend=backend)
         show = progress if progress is not None else len(rows) > 20_000
         with tqdm(total=len(rows), disable=not show, desc="log_prob", unit="row") as bar:
             for start in range(0, len(rows), rows_per_chunk):
