@@ -81,7 +81,8 @@ def head_log_prob_ref(cond, request, w_in, b_in, w_hidden, b_hidden, w_out, b_ou
     req = request.to(dtype)
     scale, h = rk4_tables(lambdas)
     scale = scale.tolist()
-    w_in_req = w_in.t()[None] * req[:, :, None]  # (N, K, W): W_in[:, j] * req_j
+    # (N, K, W): W_in[:, j] * req_j, row-major so that the tangents' matmuls are plain GEMMs
+    w_in_req = w_in.t().contiguous()[None] * req[:, :, None]
 
     def velocity(x, node):
         """(dx/dlambda (N, K), its divergence (N,)) at node `node`."""
