@@ -121,7 +121,8 @@ CASES = [  # rows, k, width, layers, steps
 TRITON_CASES = [(1, 1, 20, 1, 1), (18, 3, 24, 2, 1)]  # the interpreter is slow
 
 
-def _check_backend(backend, rows, k, width, layers, steps, schedule=CosineSchedule()):
+def _check_backend(backend, rows, k, width, layers, steps, schedule=None):
+    schedule = schedule or CosineSchedule()
     device = _device(backend)
     head, cond, request, x0 = _case(rows, k, width, layers, device=device)
     run = lambda b: head_log_prob_from_head(head, cond, request, x0, schedule, steps, backend=b)  # noqa: E731
