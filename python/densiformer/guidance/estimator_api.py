@@ -96,7 +96,7 @@ def event_probability(est, values, request, event, num_samples, guidance, option
                                           sampler, steps, seed, start)
                 with torch.no_grad():
                     inside = event_z.indicator(z)
-                ratio = log_ratios(eps_fn, guided, z, est.schedule, ode_options)
+                ratio = log_ratios(eps_fn, guided, z, est.schedule, inside, ode_options)
                 result = estimate_from_log_ratios(ratio, inside, estimator)
             for i, field in enumerate((result.p, result.p_se, result.log_p, result.log_p_se)):
                 out[i, start:start + len(cond)] = field.detach().cpu().numpy()

@@ -76,9 +76,19 @@ def estimate_from_log_ratios(log_ratio: torch.Tensor, inside: torch.Tensor, esti
     return ProbabilityEstimate(p, p_se, p.log(), p_se / p, frac, n)
 
 
-def log_ratios(eps_fn, guided_fn, x: torch.Tensor, schedule: Schedule, ode_options: dict | None = None):
-    """log p(x) - log q(x) (shape x.shape[:-1]) from the two probability-flow ODEs."""
+def log_ratios(eps_fn, guided_fn, x: torch.Tensor, schedule: Schedule, inside: torch.Tensor,
+               ode_options: dict | None = None):
+    """log p(x) - log q(x) (shape x.shape[:-1]) from the two probability-flow ODEs.
+
+    Only samples in the event (`inside`) enter the estimates. The others are replaced by
+    the first sample of their row that is in the event: outside it the guided field is a
+    steep barrier, which would force the shared adaptive step size down for the batch.
+    Their ratios are meaningless and must stay masked.
+    """
     options = {**ODE_OPTIONS, **(ode_options or {})}
+    first = inside.to(torch.uint8).argmax(-1, keepdim=True)
+    substitute = torch.gather(x, -2, first[..., None].expand(*first.shape, x.shape[-1]))
+    x = torch.where(inside[..., None], x, substitute)
     log_p = likelihood.log_prob(eps_fn, x, schedule, **options)
     log_q = likelihood.log_prob(guided_fn, x, schedule, **options)
     return log_p - log_q
@@ -102,7 +112,7 @@ def event_probability(denoiser, schedule: Schedule, event: Event, shape, *, guid
     with torch.no_grad():
         x = samplers.sample(sampler, guided, noise, schedule, steps, generator=generator)
         inside = event.indicator(x)
-    return estimate_from_log_ratios(log_ratios(eps_fn, guided, x, schedule, ode_options), inside, estimator)
+    return estimate_from_log_ratios(log_ratios(eps_fn, guided, x, schedule, inside, ode_options), inside, estimator)
 
 
 def monte_carlo_probability(denoiser, schedule: Schedule, event: Event, shape, *, prediction: str = "eps",

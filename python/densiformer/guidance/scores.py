@@ -103,7 +103,9 @@ def guided_eps_fn(eps_fn, event: Event, guidance: str = "moment", options: dict 
                     loglik = sum(torch.nn.functional.logsigmoid(scale * a._constraints(v)).sum(-1)
                                  for a, v in zip(atoms, values))
                 (grad,) = torch.autograd.grad(loglik.sum(), xt, create_graph=keep_graph)
-        out = eps - sigma * grad
+        # Where the approximation breaks down numerically (e.g. a non-differentiable point of
+        # the event function at x0_hat), that sample gets no guidance at this step.
+        out = eps - sigma * torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
         return out if keep_graph else out.detach()
 
     return guided

@@ -1,0 +1,203 @@
+"""`densiformer events`: event-conditioned sampling of dynamical-system windows, against the simulator.
+
+For Lorenz-63 or the two-unit FitzHugh-Nagumo system it trains (or loads from the cache)
+a window denoiser, draws windows conditioned on the paper's event with each guidance
+method, and compares with the truth from the simulator: the event rate from at least
+10^6 simulated windows and the true conditional (the simulated windows in the event).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+METHODS = (("moment", {}), ("moment", {"std_grad": False}), ("dps", {}), ("interval", {}))
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    module: object
+    fn: object  # event statistic of a physical window
+    kind: str  # "below" or "above"
+    threshold: float
+
+
+def _system(name: str, threshold: float | None) -> System:
+    from ..datasets import fitzhugh_nagumo, lorenz63
+
+    if name == "lorenz63":
+        return System(name, lorenz63, lorenz63.spectral_energy, "below",
+                      lorenz63.DEFAULT_THRESHOLD if threshold is None else threshold)
+    if name == "fitzhugh-nagumo":
+        return System(name, fitzhugh_nagumo, fitzhugh_nagumo.max_mean_voltage, "above",
+                      fitzhugh_nagumo.DEFAULT_THRESHOLD if threshold is None else threshold)
+    raise ValueError(f"unknown system {name!r}; choose 'lorenz63' or 'fitzhugh-nagumo'")
+
+
+def constraint(system: System, x: torch.Tensor) -> torch.Tensor:
+    """C(x) > 0 inside the event, in physical units."""
+    v = system.fn(x)
+    return system.threshold - v if system.kind == "below" else v - system.threshold
+
+
+def event(system: System):
+    from .events import Above, Below
+
+    return (Below if system.kind == "below" else Above)(system.fn, system.threshold)
+
+
+def simulator_truth(system: System, n: int, seed: int, progress: bool) -> np.ndarray:
+    """The event statistic fn(x) of n simulated windows (cached beside the model weights)."""
+    from tqdm.auto import tqdm
+
+    from ..model.window_denoiser import cache_dir
+
+    path = cache_dir().parent / "truth" / f"{system.name}-{n}-{seed}.npy"
+    if path.is_file():
+        return np.load(path)
+    chunk = 100_000
+    values = []
+    for start in tqdm(range(0, n, chunk), disable=not progress, desc=f"simulating {n} windows", unit="chunk"):
+        windows = system.module.simulate(min(chunk, n - start), seed * 1_000_003 + start)
+        values.append(system.fn(torch.from_numpy(windows)).numpy())
+    values = np.concatenate(values)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, values)
+    return values
+
+
+def run(system_name: str, *, threshold=None, out=None, num_samples=1000, prob_samples=128, truth_windows=1_000_000,
+        seed=0, retrain=False, progress=True) -> dict:
+    from scipy import stats
+
+    from ..model.window_denoiser import WindowConfig, load_or_train
+    from .probability import binomial_estimate, estimate_from_log_ratios, log_ratios
+    from .scores import guided_eps_fn, sample_with_event
+
+    torch.manual_seed(seed)
+    system = _system(system_name, threshold)
+    started = time.perf_counter()
+    model = load_or_train(WindowConfig(system.name, system.module.DIM), system.module.simulate,
+                          retrain=retrain, progress=progress)
+    trained = time.perf_counter() - started
+    truth_values = simulator_truth(system, truth_windows, seed + 7, progress)
+    truth_c = constraint(system, torch.from_numpy(truth_values)).numpy()
+    inside = truth_c > 0
+    p_true = inside.mean()
+    p_true_se = np.sqrt(p_true * (1 - p_true) / len(truth_c))
+    true_conditional = truth_c[inside]
+
+    event_z = event(system).compose(model.to_physical)
+    denoiser, schedule = model.denoiser, model.schedule
+    k = system.module.DIM
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(guidance, options, n):
+        t0 = time.perf_counter()
+        z = sample_with_event(denoiser, schedule, event_z, (n, k), guidance=guidance, guidance_options=options,
+                              generator=generator)
+        return z, (time.perf_counter() - t0) / n
+
+    unguided, t_plain = draw(None, None, num_samples)
+    mc = binomial_estimate(event_z.indicator(unguided))
+    rows = [{"method": "unguided", "satisfied": float(mc.p), "ks": None, "p": float(mc.p), "p_se": float(mc.p_se),
+             "ms_per_sample": 1e3 * t_plain}]
+    histograms = {}
+    for guidance, options in METHODS:
+        label = guidance + ("" if options.get("std_grad", True) else " (std stopped)")
+        z, t_guided = draw(guidance, options, num_samples)
+        c = constraint(system, model.to_physical(z)).numpy()
+        ok = c > 0
+        ks = stats.ks_2samp(c[ok], true_conditional).statistic if ok.sum() > 1 else 1.0
+        histograms[label] = c
+        # P(E) from a subset of the guided samples: two probability-flow ODEs each.
+        zp = z[:prob_samples]
+        guided = guided_eps_fn(denoiser, event_z, guidance, options)
+        inside = torch.from_numpy(ok[:prob_samples])
+        ratio = log_ratios(denoiser, guided, zp, schedule, inside)
+        est = estimate_from_log_ratios(ratio, inside, "direct")
+        imp = estimate_from_log_ratios(ratio, inside, "importance")
+        rows.append({"method": label, "satisfied": float(ok.mean()), "ks": float(ks), "p": float(est.p),
+                     "p_se": float(est.p_se), "p_importance": float(imp.p), "p_importance_se": float(imp.p_se),
+                     "ms_per_sample": 1e3 * t_guided})
+        if progress:
+            print(f"  {label}: done", flush=True)
+    result = {"system": system.name, "threshold": system.threshold, "p_true": float(p_true),
+              "p_true_se": float(p_true_se), "truth_windows": len(truth_c), "num_samples": num_samples,
+              "prob_samples": prob_samples, "train_seconds": model.seconds, "setup_seconds": trained,
+              "config": model.config.key(), "rows": rows, "seconds": time.perf_counter() - started}
+    print(format_table(result))
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"events_{system.name}.json").write_text(json.dumps(result, indent=2))
+        plot_histograms(histograms, true_conditional, out / f"events_{system.name}.png", system)
+        print(f"table and histogram written to {out}")
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{result['system']}: P(E) true = {result['p_true']:.4g} +- {result['p_true_se']:.2g} "
+             f"({result['truth_windows']} simulated windows); {result['num_samples']} samples per method, "
+             f"P(E) from {result['prob_samples']} of them",
+             f"{'method':<24}{'satisfied':>10}{'KS':>7}{'P(E) direct':>22}{'P(E) importance':>22}{'ms/sample':>11}"]
+    for r in result["rows"]:
+        ks = "-" if r["ks"] is None else f"{r['ks']:.3f}"
+        imp = f"{r['p_importance']:.4g} +- {r['p_importance_se']:.2g}" if "p_importance" in r else "-"
+        name = "unguided (MC)" if r["method"] == "unguided" else r["method"]
+        lines.append(f"{name:<24}{r['satisfied']:>10.3f}{ks:>7}{r['p']:>13.4g} +- {r['p_se']:<6.2g}{imp:>22}"
+                     f"{r['ms_per_sample']:>11.2f}")
+    return "\n".join(lines)
+
+
+def plot_histograms(histograms: dict, true_conditional: np.ndarray, path: Path, system: System):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    bins = np.linspace(0, np.quantile(true_conditional, 0.995), 40)
+    ax.hist(true_conditional, bins=bins, density=True, color="0.75", label="simulator, in event")
+    for label, c in histograms.items():
+        ax.hist(c, bins=bins, density=True, histtype="step", linewidth=1.4, label=label)
+    ax.set_xlabel("C(x)")
+    ax.set_ylabel("density")
+    ax.set_title(f"{system.name}: C(x) of guided samples vs true conditional")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def add_events_parser(subparsers):
+    p = subparsers.add_parser("events", help="event-conditioned sampling of Lorenz-63 / FitzHugh-Nagumo windows")
+    p.add_argument("system", choices=["lorenz63", "fitzhugh-nagumo"])
+    p.add_argument("--event", default=None, choices=["low-energy", "spike"],
+                   help="the event: low-energy (Lorenz-63: C = T - mean_k>=1 |rfft(x_1)_k|) or spike "
+                        "(FitzHugh-Nagumo: C = max_t mean voltage - T); default: the system's")
+    p.add_argument("--threshold", type=float, default=None, help="T (default: the system's DEFAULT_THRESHOLD)")
+    p.add_argument("--out", default=None, help="directory for the JSON table and the histogram PNG")
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--prob-samples", type=int, default=128, help="guided samples per P(E) estimate")
+    p.add_argument("--truth-windows", type=int, default=1_000_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--retrain", action="store_true", help="train the denoiser again, ignoring the cache")
+    p.set_defaults(func=cmd_events)
+    return p
+
+
+def cmd_events(args) -> int:
+    expected = {"lorenz63": "low-energy", "fitzhugh-nagumo": "spike"}[args.system]
+    if args.event not in (None, expected):
+        raise ValueError(f"{args.system} has the event {expected!r}, not {args.event!r}")
+    if args.num_samples < 2 or not 2 <= args.prob_samples <= args.num_samples:
+        raise ValueError("need --num-samples >= --prob-samples >= 2")
+    torch.set_num_threads(1)
+    run(args.system, threshold=args.threshold, out=args.out, num_samples=args.num_samples,
+        prob_samples=args.prob_samples, truth_windows=args.truth_windows, seed=args.seed, retrain=args.retrain)
+    return 0
