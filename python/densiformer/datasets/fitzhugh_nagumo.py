@@ -73,16 +73,6 @@ def max_mean_voltage(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], STEPS, 2).mean(-1).amax(-1)
 
 
-def soft_max_mean_voltage(x: torch.Tensor, temperature: float = 0.02) -> torch.Tensor:
-    """A smooth maximum of the mean voltage: temperature * logsumexp(v / temperature).
-
-    It exceeds the maximum by at most temperature * log(120) (0.096) and gives the
-    guidance a gradient on every time step near the peak, not only the argmax.
-    """
-    v = x.reshape(*x.shape[:-1], STEPS, 2).mean(-1)
-    return temperature * torch.logsumexp(v / temperature, dim=-1)
-
-
 def spike_event(threshold: float):
     """An extreme spike: the largest mean voltage in the window exceeds `threshold`."""
     from ..guidance.events import Above
