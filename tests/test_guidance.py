@@ -154,3 +154,40 @@ def test_event_algebra():
     torch.testing.assert_close(ev.constraint(x), torch.tensor([-0.2, -1.0, 0.3]))
     shifted = ev.compose(lambda z: z + 1.0)
     assert shifted.indicator(x - 1.0).tolist() == [False, False, True]
+
+
+def test_hutchinson_log_prob_is_unbiased_with_the_predicted_spread():
+    # 40-D Gaussian with a random rotation: d eps / dx = sigma R diag(1 / var_i(lambda)) R^T has
+    # off-diagonal terms, so Rademacher probes leave noise. Along any trajectory the integrated
+    # trace is tr(M), M = R diag(m) R^T with m_i = 0.5 [lambda - log(1 + s_i^2 e^lambda)] between
+    # the schedule's ends, so the per-sample error of the P-probe estimate has mean 0 and
+    # variance 2 / P * sum_{i != j} M_ij^2, exactly.
+    from densiformer.diffusion.likelihood import log_prob
+
+    k, n, probes = 40, 64, 2
+    gen = torch.Generator().manual_seed(5)
+    rotation = torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=torch.float64))[0]
+    std = torch.logspace(math.log10(0.1), math.log10(2.0), k, dtype=torch.float64)
+    target = GaussianTarget(torch.randn(k, generator=gen, dtype=torch.float64), std, rotation)
+    x0 = (target.mean + std * torch.randn(n, k, generator=gen, dtype=torch.float64)) @ rotation.T
+    exact = target.model_log_prob(x0, SCHEDULE)[0]
+    hutch = log_prob(target.eps, x0, SCHEDULE, divergence="hutchinson", probes=probes, seed=0, rtol=1e-4, atol=1e-4)
+
+    def m_of(lam):
+        return 0.5 * (lam - torch.log1p(std**2 * math.exp(lam)))
+
+    m = m_of(SCHEDULE.log_snr_max) - m_of(SCHEDULE.log_snr_min)
+    big_m = rotation @ torch.diag(m) @ rotation.T
+    predicted_sd = math.sqrt(2 / probes * float((big_m**2).sum() - (big_m.diagonal() ** 2).sum()))
+    err = (hutch - exact).numpy()
+    assert predicted_sd > 0.1  # the probes really are noisy here
+    assert abs(err.mean()) < 4 * predicted_sd / math.sqrt(n) + 1e-3
+    # The sample SD of n draws: within +-4 standard errors (~ sd * sqrt(kurtosis-ish / 2n)).
+    assert 0.6 * predicted_sd < err.std(ddof=1) < 1.4 * predicted_sd
+    # The exact default is untouched, and the same seed gives the same estimate.
+    torch.testing.assert_close(log_prob(target.eps, x0[:4], SCHEDULE), exact[:4], atol=1e-3, rtol=0)
+    first, again = (log_prob(target.eps, x0[:4], SCHEDULE, divergence="hutchinson", probes=probes, seed=1,
+                             rtol=1e-4, atol=1e-4) for _ in range(2))
+    torch.testing.assert_close(again, first)
+    with pytest.raises(ValueError, match="unknown divergence"):
+        log_prob(target.eps, x0[:2], SCHEDULE, divergence="nope")
