@@ -85,11 +85,11 @@ def run(catalog: Path, out: Path, num_samples: int, extra: list[str], max_second
     written = trace[-1][1] if partial else pq.read_table(out, columns=["row"]).num_rows
     if not partial and written != rows:
         raise RuntimeError("the output does not have one row per input row")
-    if partial:  # the rate from the first to the last finished part, without the start-up
-        if trace[-1][1] == 0:
+    if partial:  # rows finished by the time the last finished part appeared, start-up included
+        done = trace[-1][1]
+        if done == 0:
             raise RuntimeError(f"no part finished within {max_seconds} s: raise --max-seconds")
-        (t0, d0), (t1, d1) = next((t, d) for t, d, _ in trace if d > 0), (trace[-1][0], trace[-1][1])
-        rate = (d1 - d0) / (t1 - t0) if t1 > t0 else float("nan")
+        rate = done / next(t for t, d, _ in trace if d == done)
     else:
         rate = rows / seconds
     rss = [r for _, _, r in trace]
