@@ -86,3 +86,26 @@ def test_estimator_event_probability(tiny_estimator):
     np.testing.assert_allclose(np.exp(log_p), p, rtol=1e-6)
     with pytest.raises(ValueError, match="unknown estimator"):
         tiny_estimator.event_probability(inputs, request=["y"], event=ev, estimator="guess")
+
+
+def test_window_denoiser_starts_as_the_exact_gaussian_denoiser():
+    # Untrained (zero output layer), the preconditioned denoiser is the exact eps of
+    # N(mu, diag(v)): sigma (z - alpha mu) / (alpha^2 v + sigma^2), at every noise level.
+    from densiformer.diffusion.schedules import alpha_sigma
+    from densiformer.model.window_denoiser import WindowDenoiser
+
+    gen = torch.Generator().manual_seed(0)
+    mu, var = torch.randn(12, generator=gen), torch.rand(12, generator=gen) + 1e-3
+    net = WindowDenoiser(12, 32, 2)
+    net.set_data_moments(mu, var)
+    z = torch.randn(5, 12, generator=gen)
+    for lam in (-9.0, -1.0, 0.5, 9.0):
+        log_snr = torch.tensor(lam)
+        alpha, sigma = alpha_sigma(log_snr)
+        expected = sigma * (z - alpha * mu) / (alpha**2 * var + sigma**2)
+        torch.testing.assert_close(net(z, log_snr), expected)
+        # Batched log-SNR (training) gives the same.
+        torch.testing.assert_close(net(z, log_snr.expand(5)), expected)
+        x0_gauss, c_out, f = net.x0_and_target_scale(z, log_snr.expand(5))
+        torch.testing.assert_close(alpha * x0_gauss + sigma * expected, z, atol=1e-5, rtol=1e-5)
+        assert (f == 0).all() and (c_out > 0).all()

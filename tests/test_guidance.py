@@ -191,3 +191,13 @@ def test_hutchinson_log_prob_is_unbiased_with_the_predicted_spread():
     torch.testing.assert_close(again, first)
     with pytest.raises(ValueError, match="unknown divergence"):
         log_prob(target.eps, x0[:2], SCHEDULE, divergence="nope")
+
+
+def test_failed_ratios_leave_the_sample():
+    from densiformer.guidance.probability import estimate_from_log_ratios
+
+    ratio = torch.tensor([-1.0, -1.2, math.nan, -0.8, 5.0], dtype=torch.float64)
+    inside = torch.tensor([True, True, True, True, False])
+    r = estimate_from_log_ratios(ratio, inside)
+    # the NaN sample is dropped: 3 of 4 in E, mean ratio -1
+    assert r.num_samples == 4 and abs(float(r.log_p) - (math.log(0.75) - 1.0)) < 1e-12

@@ -117,8 +117,8 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=1000, prob_sa
         row = {"method": label, "satisfied": float(ok.mean()), "ks": float(ks), "p": float("nan"),
                "p_se": float("nan"), "ms_per_sample": 1e3 * t_guided}
         if prob_samples:
-            # P(E) from a subset of the guided samples: two probability-flow ODEs each, whose
-            # exact divergence costs dim vector-Jacobian products of the guided field per step.
+            # P(E) from a subset of the guided samples: two probability-flow ODEs each, with
+            # Hutchinson's divergence (probability.HUTCHINSON_PROBES probes) at these dims.
             zp = z[:prob_samples]
             guided = guided_eps_fn(denoiser, event_z, guidance, options)
             inside = torch.from_numpy(ok[:prob_samples])
@@ -126,7 +126,7 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=1000, prob_sa
             est = estimate_from_log_ratios(ratio, inside, "direct")
             imp = estimate_from_log_ratios(ratio, inside, "importance")
             row.update(p=float(est.p), p_se=float(est.p_se), p_importance=float(imp.p),
-                       p_importance_se=float(imp.p_se))
+                       p_importance_se=float(imp.p_se), ode_failed=int((inside & ~torch.isfinite(ratio)).sum()))
         rows.append(row)
         if progress:
             print(f"  {label}: done", flush=True)

@@ -68,6 +68,13 @@ def estimate_from_log_ratios(log_ratio: torch.Tensor, inside: torch.Tensor, esti
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {list(ESTIMATORS)}")
     log_ratio, inside = log_ratio.double(), inside.bool()
+    # Samples in E whose ratio is not finite (a failed ODE, see log_ratios) leave the sample.
+    failed = inside & ~torch.isfinite(log_ratio)
+    if bool(failed.any()):
+        keep = ~failed
+        if log_ratio.dim() != 1:
+            raise FloatingPointError("non-finite log ratios in a batch of conditional models")
+        log_ratio, inside = log_ratio[keep], inside[keep]
     n = log_ratio.shape[-1]
     count = inside.sum(-1).double()
     frac = count / n
@@ -103,9 +110,32 @@ def log_ratios(eps_fn, guided_fn, x: torch.Tensor, schedule: Schedule, inside: t
     first = inside.to(torch.uint8).argmax(-1, keepdim=True)
     substitute = torch.gather(x, -2, first[..., None].expand(*first.shape, x.shape[-1]))
     x = torch.where(inside[..., None], x, substitute)
+    if x.dim() == 2:
+        return _robust_log_ratio(eps_fn, guided_fn, x, schedule, options)
     log_p = likelihood.log_prob(eps_fn, x, schedule, **options)
     log_q = likelihood.log_prob(guided_fn, x, schedule, **options)
     return log_p - log_q
+
+
+def _robust_log_ratio(eps_fn, guided_fn, x, schedule, options):
+    """log p - log q for samples x (n, k); a sample whose ODE is not finite gets NaN.
+
+    The adaptive solver shares one step size across the batch and stops on a non-finite
+    state; with a learned denoiser the guided field's second derivatives can overflow at
+    a rare sample. The batch is then bisected so that only the failing samples are lost
+    (estimate_from_log_ratios drops them).
+    """
+    try:
+        # Hutchinson probes are drawn per call from the seed: same seed, same probes for p and q.
+        log_p = likelihood.log_prob(eps_fn, x, schedule, **options)
+        log_q = likelihood.log_prob(guided_fn, x, schedule, **options)
+        return log_p - log_q
+    except FloatingPointError:
+        if len(x) == 1:
+            return x.new_full((1,), math.nan)
+        half = len(x) // 2
+        return torch.cat([_robust_log_ratio(eps_fn, guided_fn, x[:half], schedule, options),
+                          _robust_log_ratio(eps_fn, guided_fn, x[half:], schedule, options)])
 
 
 def event_probability(denoiser, schedule: Schedule, event: Event, shape, *, guidance: str = "moment",
