@@ -19,6 +19,12 @@ added only at the input) had collapsed the leading modes to 0.46 of their std an
 inflated the fast ones 4-6 fold. The Gaussian skip fixes the second moments by
 construction; the remaining error is the network's grasp of the non-Gaussian structure
 (how often a window switches lobes), see the table of `densiformer events lorenz63`.
+Status at the default config (6000 steps, about 7 minutes on one loaded core): unguided
+std 0.357/0.397/0.342 against 0.399/0.448/0.412, but the model makes too few calm windows
+(unguided P(E) 0.024 against 0.097; 5% quantile of the energy 0.67 against 0.41), so
+"moment" samples pile up just inside the event boundary (KS 0.71). Tried and worse: no
+whitening (variance_floor 1: P(E) 0.001); variance-weighted loss (3000 steps: P(E) 0.034,
+std 0.35/0.39/0.33, not yet compared on the guided metrics).
 
 Trained weights are cached under $XDG_CACHE_HOME/densiformer/window_denoiser/<key>/
 (default ~/.cache), `key` a hash of the training config, as model.safetensors and
