@@ -96,7 +96,7 @@ setup(
     python_requires=">=3.10",
     package_dir={"": "python"},
     packages=find_packages("python"),
-    package_data={"densiformer": ["assets/hipparcos/*"]},
+    package_data={"densiformer": ["assets/hipparcos/*", "assets/hipparcos_colour/*"]},
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",

@@ -1,4 +1,6 @@
 """The main job: `densiformer demo` runs infer over the Hipparcos test split and plots."""
+import re
+
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -22,5 +24,9 @@ def test_demo_writes_posteriors_and_plots(tmp_path, capsys):
     known = test.abs_hpmag.notna().to_numpy()
     r = np.corrcoef(posteriors.abs_hpmag_median[known], test.abs_hpmag[known])[0, 1]
     assert r > 0.8, r
+    # The red star it shows is a giant or a dwarf by its colours alone (bimodal), which
+    # its magnitude and proper motion then decide.
+    colours_only = float(re.search(r"P\(giant\) ([0-9.]+) given B-V, V-I;", printed).group(1))
+    assert 0.2 < colours_only < 0.8, printed
     # Running it again starts afresh instead of refusing the existing output.
     assert main(["demo", "--out", str(tmp_path), "--num-samples", "4"]) == 0

@@ -46,25 +46,24 @@ def hr_diagram(catalog, posteriors, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def pick_red_star(catalog, posteriors):
-    """A red star whose posterior puts real weight on both branches (the most even split)."""
-    samples = np.stack(posteriors.abs_hpmag_samples.to_numpy())
-    giant = (samples < GIANT_LIMIT).mean(axis=1)
-    red = (catalog.b_v.to_numpy() > 1.1) & np.isfinite(catalog.abs_hpmag.to_numpy())
-    balance = np.where(red, np.minimum(giant, 1 - giant), -1)
-    return int(np.argmax(balance))
+def pick_red_star(catalog, colour_est, num_samples: int = 400):
+    """The red star whose colours alone leave giant and dwarf most evenly likely."""
+    red = catalog[(catalog.b_v > 1.2) & np.isfinite(catalog.abs_hpmag)]
+    draws = colour_est.sample(red[COLOUR_INPUTS], request=REQUEST, num_samples=num_samples, seed=0)[..., 0]
+    giant = (draws < GIANT_LIMIT).mean(axis=1)
+    return red.iloc[int(np.argmax(np.minimum(giant, 1 - giant)))]
 
 
-def red_star_posterior(est, star, path: Path, num_samples: int = 20_000) -> dict:
-    """p(M_Hp | colours) and p(M_Hp | colours, Hp, proper motion) for one red star."""
+def red_star_posterior(est, colour_est, star, path: Path, num_samples: int = 20_000) -> dict:
+    """p(M_Hp | colours) (the colour-only model) and p(M_Hp | colours, Hp, proper motion)."""
     fig = Figure(figsize=(7.5, 4.6), layout="constrained")
     ax = fig.subplots()
     bins = np.linspace(-4, 13, 120)
     fractions = {}
-    for label, columns, colour in (("given B-V, V-I", COLOUR_INPUTS, "tab:orange"),
-                                   ("given B-V, V-I, Hp, proper motion", ["hpmag", *COLOUR_INPUTS, "pmra", "pmdec"],
-                                    "tab:blue")):
-        draws = est.sample({c: [star[c]] for c in columns}, request=REQUEST, num_samples=num_samples, seed=1)
+    for label, model, columns, colour in (
+            ("given B-V, V-I", colour_est, COLOUR_INPUTS, "tab:orange"),
+            ("given B-V, V-I, Hp, proper motion", est, ["hpmag", *COLOUR_INPUTS, "pmra", "pmdec"], "tab:blue")):
+        draws = model.sample({c: [star[c]] for c in columns}, request=REQUEST, num_samples=num_samples, seed=1)
         draws = draws[0, :, 0]
         fractions[label] = float((draws < GIANT_LIMIT).mean())
         ax.hist(draws, bins=bins, density=True, histtype="stepfilled", alpha=0.35, color=colour,
@@ -87,6 +86,7 @@ def run(est, out: Path, num_samples: int = 200, progress: bool = True) -> dict:
     """Write the demo's catalogue, posteriors and plots under `out`; return their paths."""
     import pyarrow.parquet as pq
 
+    from .assets import colour_model
     from .diagnostics import calibration_plot
     from .inference import infer
 
@@ -106,8 +106,10 @@ def run(est, out: Path, num_samples: int = 200, progress: bool = True) -> dict:
         raise RuntimeError("the posteriors are not in catalogue order")
 
     hr_diagram(catalog, posteriors, paths["hr_diagram"])
-    star = catalog.iloc[pick_red_star(catalog, posteriors)]
-    fractions = red_star_posterior(est, star, paths["red_star"])
+    # The bundled default smooths the red-dwarf branch away; the colour-only model keeps it.
+    colour_est = colour_model(est.device)
+    star = pick_red_star(catalog, colour_est)
+    fractions = red_star_posterior(est, colour_est, star, paths["red_star"])
     known = np.isfinite(catalog.abs_hpmag.to_numpy())
     samples = np.stack(posteriors.abs_hpmag_samples.to_numpy())[known][..., None]
     calibration_plot(samples, catalog.abs_hpmag.to_numpy()[known, None], REQUEST, path=paths["calibration"])
