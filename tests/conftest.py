@@ -20,6 +20,21 @@ def small_table(n=600, seed=0):
     return pd.DataFrame({"a": a, "b": b, "y": a + 0.1 * rng.normal(size=n), "z": b * 3 + 10})
 
 
+def skip_unless_backend(backend):
+    """Skip unless `backend` runs here; Triton on the CPU also needs TRITON_INTERPRET=1 set
+    before triton was first imported."""
+    from densiformer.ops import backends
+
+    status = backends.available_backends()[backend]
+    if status is not True:
+        pytest.skip(f"{backend} backend unavailable: {status}")
+    if backend == "triton" and not torch.cuda.is_available():
+        import triton.language as tl
+
+        if type(tl.zeros).__name__ != "InterpretedFunction":
+            pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this module on its own")
+
+
 @pytest.fixture(scope="session")
 def tiny_estimator():
     """A barely trained model: for API behaviour, not for accuracy."""

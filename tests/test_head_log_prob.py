@@ -27,18 +27,9 @@ from densiformer.ops.head_log_prob import (  # noqa: E402
     rk4_nodes,
 )
 
+from conftest import skip_unless_backend  # noqa: E402
+
 RTOL = 1e-4  # fp32 backends against the fp32 reference, relative, per row
-
-
-def _skip_unless(backend):
-    status = backends.available_backends()[backend]
-    if status is not True:
-        pytest.skip(f"{backend} backend unavailable: {status}")
-    if backend == "triton" and not torch.cuda.is_available():
-        import triton.language as tl
-
-        if type(tl.zeros).__name__ != "InterpretedFunction":
-            pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this module on its own")
 
 
 def _device(backend):
@@ -134,19 +125,19 @@ def _check_backend(backend, rows, k, width, layers, steps, schedule=None):
 
 @pytest.mark.parametrize("rows, k, width, layers, steps", CASES)
 def test_cpu_matches_reference(rows, k, width, layers, steps):
-    _skip_unless("cpu")
+    skip_unless_backend("cpu")
     _check_backend("cpu", rows, k, width, layers, steps)
 
 
 @pytest.mark.parametrize("rows, k, width, layers, steps", TRITON_CASES)
 def test_triton_matches_reference(rows, k, width, layers, steps):
-    _skip_unless("triton")
+    skip_unless_backend("triton")
     _check_backend("triton", rows, k, width, layers, steps, DiscreteDDPMSchedule(120))
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
 def test_every_cpu_vector_path_matches_reference(isa, monkeypatch):
-    _skip_unless("cpu")
+    skip_unless_backend("cpu")
     monkeypatch.setenv("DENSIFORMER_CPU_ISA", isa)
     try:
         _check_backend("cpu", 13, 3, 72, 3, 2)
@@ -158,12 +149,12 @@ def test_every_cpu_vector_path_matches_reference(isa, monkeypatch):
 
 def test_cpu_paper_sized_head_matches_reference():
     """The 5 x 512 head: several panels per layer and tangents on every one."""
-    _skip_unless("cpu")
+    skip_unless_backend("cpu")
     _check_backend("cpu", 8, 3, 512, 5, 1)
 
 
 def test_cpu_rows_are_independent_of_batching_and_threads():
-    _skip_unless("cpu")
+    skip_unless_backend("cpu")
     head, cond, request, x0 = _case(100, 3, 32, 2)
     run = lambda lo, hi: head_log_prob_from_head(head, cond[lo:hi], request[lo:hi], x0[lo:hi],  # noqa: E731
                                                  CosineSchedule(), 2, backend="cpu")
@@ -182,7 +173,7 @@ def test_cpu_rows_are_independent_of_batching_and_threads():
 
 # ------------------------------------------------------------------ the estimator
 def test_estimator_fixed_method_uses_the_fused_op_and_matches_generic(tiny_estimator, monkeypatch):
-    _skip_unless("cpu")
+    skip_unless_backend("cpu")
     est = tiny_estimator
     rng = np.random.default_rng(1)
     values = np.column_stack([rng.normal(size=9), 10 + 3 * rng.normal(size=9)])
@@ -252,7 +243,7 @@ def test_bad_inputs_raise_clear_errors(change, error, match):
 
 
 def test_fp64_runs_on_torch_only():
-    _skip_unless("cpu")
+    skip_unless_backend("cpu")
     args = {k: v.double() for k, v in _args().items()}
     assert head_log_prob(**args, backend="torch").dtype == torch.float64
     with pytest.raises(TypeError, match="fp32 only"):
@@ -277,6 +268,6 @@ def test_unavailable_backends_say_why(monkeypatch):
 
 def test_custom_op_registration():
     """The op passes torch.library.opcheck (schema, fake tensor, tracing), so torch.compile can trace it."""
-    _skip_unless("cpu")
+    skip_unless_backend("cpu")
     args = {k: v.contiguous() for k, v in _args().items()}
     torch.library.opcheck(torch.ops.densiformer.head_log_prob.default, tuple(args.values()) + ("cpu",))

@@ -30,6 +30,8 @@ from densiformer.ops.head_sample_loop import (  # noqa: E402
     sampler_coefficients,
 )
 
+from conftest import skip_unless_backend  # noqa: E402
+
 # Random123's known-answer vectors for Philox4x32-10 (kat_vectors): counter, key, output.
 PHILOX_KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
@@ -57,17 +59,6 @@ if importlib.util.find_spec("triton") is not None:
 
 RTOL = 1e-4  # of the largest reference value, for every fp32 backend and sampler
 SCHEDULES = {"ddpm": DiscreteDDPMSchedule(120), "ddim": CosineSchedule(), "dpmpp2m": CosineSchedule()}
-
-
-def _skip_unless(backend):
-    status = backends.available_backends()[backend]
-    if status is not True:
-        pytest.skip(f"{backend} backend unavailable: {status}")
-    if backend == "triton" and not torch.cuda.is_available():
-        import triton.language as tl
-
-        if type(tl.zeros).__name__ != "InterpretedFunction":
-            pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this module on its own")
 
 
 def _device(backend):
@@ -100,12 +91,12 @@ def test_reference_philox_known_answers(counter, key, expected):
 
 @pytest.mark.parametrize("counter, key, expected", PHILOX_KAT)
 def test_cpu_philox_known_answers(counter, key, expected):
-    _skip_unless("cpu")
+    skip_unless_backend("cpu")
     assert tuple(backends.cpu_extension().philox4x32_10(counter, key)) == expected
 
 
 def test_triton_philox_known_answers():
-    _skip_unless("triton")
+    skip_unless_backend("triton")
     words = torch.tensor([list(c) + list(k) for c, k, _ in PHILOX_KAT], dtype=torch.int64)
     out = torch.zeros(len(PHILOX_KAT), 4, dtype=torch.int64)
     device = _device("triton")
@@ -168,7 +159,7 @@ CASES = [  # rows, samples, k, width, layers
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp2m", "ddpm"])
 @pytest.mark.parametrize("rows, samples, k, width, layers", CASES)
 def test_backend_matches_reference(backend, sampler, rows, samples, k, width, layers):
-    _skip_unless(backend)
+    skip_unless_backend(backend)
     device = _device(backend)
     head, cond, request = _case(rows, k, width, layers, device=device)
     steps = 6
@@ -182,7 +173,7 @@ def test_backend_matches_reference(backend, sampler, rows, samples, k, width, la
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
 def test_every_cpu_vector_path_matches_reference(isa, monkeypatch):
-    _skip_unless("cpu")
+    skip_unless_backend("cpu")
     monkeypatch.setenv("DENSIFORMER_CPU_ISA", isa)
     head, cond, request = _case(3, 3, 72, 3)
     run = lambda b: head_sample_loop_from_head(head, cond, request, CosineSchedule(), "dpmpp2m", 5, 40,  # noqa: E731
@@ -200,7 +191,7 @@ def test_every_cpu_vector_path_matches_reference(isa, monkeypatch):
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_samples_do_not_depend_on_batching(backend):
     """A row's samples depend on (seed, global row, sample) only, not on the rows around it."""
-    _skip_unless(backend)
+    skip_unless_backend(backend)
     device = _device(backend)
     head, cond, request = _case(5, 3, 32, 2, device=device)
     run = lambda lo, hi: head_sample_loop_from_head(head, cond[lo:hi], request[lo:hi], CosineSchedule(), "ddpm",  # noqa: E731
@@ -214,7 +205,7 @@ def test_samples_do_not_depend_on_batching(backend):
 
 
 def test_cpu_result_does_not_depend_on_thread_count():
-    _skip_unless("cpu")
+    skip_unless_backend("cpu")
     head, cond, request = _case(4, 3, 64, 3)
     run = lambda: head_sample_loop_from_head(head, cond, request, CosineSchedule(), "ddpm", 4, 50,  # noqa: E731
                                              seed=1, backend="cpu")
@@ -298,7 +289,7 @@ def test_import_loads_no_extension_and_no_triton():
 
 def test_custom_op_registration():
     """The op passes torch.library.opcheck (schema, fake tensor, tracing), so torch.compile can trace it."""
-    _skip_unless("cpu")
+    skip_unless_backend("cpu")
     args = {k: (v.contiguous().float() if isinstance(v, torch.Tensor) else v) for k, v in _args().items()}
     names = ["cond", "request", "w_in", "b_in", "w_hidden", "b_hidden", "w_out", "b_out", "time_emb", "coefs"]
     op_args = tuple(args[n] for n in names) + (args["num_samples"], args["seed"], 0, "cpu")

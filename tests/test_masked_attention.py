@@ -35,21 +35,12 @@ from densiformer.model.encoder import Encoder  # noqa: E402
 from densiformer.ops import backends  # noqa: E402
 from densiformer.ops.masked_attention import masked_attention, masked_attention_ref  # noqa: E402
 
+from conftest import skip_unless_backend  # noqa: E402
+
 LENGTHS = (1, 7, 16, 64, 127, 300)
 HEAD_DIMS = (8, 16, 32, 64, 128)
 LOW_PRECISION = [(1, 8), (7, 16), (16, 32), (64, 64), (127, 128), (300, 8)]
 FP32_RTOL = 1e-5
-
-
-def _skip_unless(backend):
-    status = backends.available_backends()[backend]
-    if status is not True:
-        pytest.skip(f"{backend} backend unavailable: {status}")
-    if backend == "triton" and not torch.cuda.is_available():
-        import triton.language as tl
-
-        if type(tl.zeros).__name__ != "InterpretedFunction":
-            pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this module on its own")
 
 
 def _device(backend):
@@ -110,7 +101,7 @@ def test_reference_padding_and_fully_padded_rows():
 @pytest.mark.parametrize("D", HEAD_DIMS)
 @pytest.mark.parametrize("L", LENGTHS)
 def test_fp32_matches_reference(backend, L, D):
-    _skip_unless(backend)
+    skip_unless_backend(backend)
     case = _case(L, D, torch.float32, _device(backend))
     truth = _run("ref", *case, dtype=torch.float64)
     results = _run(backend, *case)
@@ -125,7 +116,7 @@ def test_fp32_matches_reference(backend, L, D):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("L, D", LOW_PRECISION)
 def test_low_precision_within_twice_torch_error(backend, dtype, L, D):
-    _skip_unless(backend)
+    skip_unless_backend(backend)
     case = _case(L, D, dtype, _device(backend))
     truth = _run("ref", *case, dtype=torch.float64)
     ours = _relative_errors(_run(backend, *case), truth)
@@ -136,7 +127,7 @@ def test_low_precision_within_twice_torch_error(backend, dtype, L, D):
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_non_contiguous_inputs_and_explicit_scale(backend):
-    _skip_unless(backend)
+    skip_unless_backend(backend)
     q, k, v, _, mask = _case(9, 16, torch.float32, _device(backend))
     qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     assert not qt.is_contiguous()
@@ -147,7 +138,7 @@ def test_non_contiguous_inputs_and_explicit_scale(backend):
 
 def test_custom_op_registration():
     """Schema, fake tensor, autograd registration and torch.compile tracing of the compiled op."""
-    _skip_unless("triton")
+    skip_unless_backend("triton")
     q, k, v, _, mask = _case(5, 8, torch.float32, _device("triton"), B=2)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), mask, 0.25, "triton")
     result = torch.library.opcheck(torch.ops.densiformer.masked_attention_fwd.default, args)
@@ -156,7 +147,7 @@ def test_custom_op_registration():
 
 def test_encoder_dispatches_to_the_op():
     """The encoder runs the same with triton as with the reference, forward and parameter gradients."""
-    _skip_unless("triton")
+    skip_unless_backend("triton")
     device = _device("triton")
     torch.manual_seed(0)
     encoder = Encoder(d_model=16, layers=2, heads=2).to(device)
@@ -198,7 +189,7 @@ def test_invalid_inputs_raise():
         masked_attention(q, k[:, :, :3], v, mask)
     with pytest.raises(TypeError, match="share a dtype"):
         masked_attention(q, k.double(), v, mask)
-    _skip_unless("triton")
+    skip_unless_backend("triton")
     device = _device("triton")
     with pytest.raises(TypeError, match="float64"):
         masked_attention(q.double().to(device), k.double().to(device), v.double().to(device), mask.to(device),
@@ -213,7 +204,7 @@ def test_invalid_inputs_raise():
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_hundred_thousand_sequences_in_one_call(backend):
     """B = 100,000, H = 2: past the 65,535 grid.y limit that FA2 and SDPA hit."""
-    _skip_unless(backend)
+    skip_unless_backend(backend)
     q, k, v, _, mask = _case(16, 8, torch.bfloat16, "cuda", B=100_000, H=2)
     mask[1:-1] = torch.rand(mask.shape[0] - 2, 16, device="cuda") < 0.4
     out = masked_attention(q, k, v, mask, backend=backend)
@@ -249,7 +240,7 @@ def _mha_pair(E=24, heads=3, batch_first=True, backend="auto", bias=True, seed=0
 @pytest.mark.parametrize("bias", [True, False])
 def test_self_attention_matches_multihead_attention(backend, bias):
     if backend == "triton":
-        _skip_unless("triton")
+        skip_unless_backend("triton")
     mha, ours = _mha_pair(backend=backend, bias=bias)
     x = torch.randn(4, 9, 24, requires_grad=True)
     mask = torch.rand(4, 9) < 0.4

@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "aligned_buffer.h"
 #include "philox.h"
 
 #ifdef _OPENMP
@@ -45,19 +46,6 @@ namespace {
 // the tile's three W-wide buffers (576 KiB at W = 512) well inside a 2 MiB L2.
 constexpr int kTileRows = 96;
 constexpr int kMR = 6;         // rows of the register micro-tile
-
-struct FreeDeleter {
-  void operator()(float* p) const { std::free(p); }
-};
-using FloatBuffer = std::unique_ptr<float[], FreeDeleter>;
-
-FloatBuffer zeros(size_t n) {  // 64-byte aligned, so every padded row is vector aligned
-  const size_t bytes = std::max<size_t>(64, (n * sizeof(float) + 63) / 64 * 64);
-  auto* p = static_cast<float*>(std::aligned_alloc(64, bytes));
-  if (p == nullptr) throw std::bad_alloc();
-  std::memset(p, 0, bytes);
-  return FloatBuffer(p);
-}
 
 // Read-only state shared by all threads: weights re-laid out for the vector path.
 // Widths are padded to Wp, a multiple of the panel width P, with zero weights and
