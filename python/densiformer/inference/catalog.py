@@ -244,7 +244,7 @@ def infer(catalog, model, out, request=None, num_samples: int = 100, *, seed: in
                                samples=samples, log_prob_of=list(log_prob_of or []))
     validate_options(est, options)
     present = file_columns(catalog)
-    _check_catalog_columns(catalog, present, est, options)
+    check_catalog_columns(catalog, present, est, options)
     total = num_rows(catalog)
     out = Path(out)
     if rows_per_part is not None and rows_per_part < 1:
@@ -296,7 +296,7 @@ def infer(catalog, model, out, request=None, num_samples: int = 100, *, seed: in
     return InferenceResult(out, total, computed, len(manifest.done), time.perf_counter() - started)
 
 
-def _check_catalog_columns(catalog, present, est, options):
+def check_catalog_columns(catalog, present, est, options):
     known = {options.file_name(c) for c in est.all_columns}
     if options.id_column and options.id_column not in present:
         raise ValueError(f"{catalog}: id column {options.id_column!r} is not in the catalog; it has {present}")

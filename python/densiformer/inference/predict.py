@@ -76,19 +76,6 @@ def read_columns(est: DensityEstimator, options: InferenceOptions) -> list[str]:
     return names
 
 
-def output_schema(options: InferenceOptions, id_type: pa.DataType | None = None) -> pa.Schema:
-    from ..summary import summary_schema
-
-    id_field = pa.field(options.id_column, id_type) if options.id_column else pa.field(ROW_COLUMN, pa.int64())
-    fields = [id_field, pa.field(UNCONDITIONAL_COLUMN, pa.bool_()), *summary_schema(options.request)]
-    if options.samples:
-        fields += [pa.field(f"{name}_samples", pa.list_(pa.float32(), options.num_samples))
-                   for name in options.request]
-    if options.log_prob_of:
-        fields.append(pa.field(LOG_PROB_COLUMN, pa.float64()))
-    return pa.schema(fields)
-
-
 class ChunkPredictor:
     """Summaries (and samples, log densities) for chunks of catalog rows."""
 

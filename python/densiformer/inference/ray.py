@@ -23,11 +23,9 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-
 from ..data.readers import _parquet_files, file_columns
 from ..estimator import DensityEstimator
-from .catalog import InferenceResult, auto_rows_per_part
+from .catalog import InferenceResult, auto_rows_per_part, check_catalog_columns
 from .predict import ChunkPredictor, InferenceOptions, read_columns, validate_options
 
 
@@ -123,9 +121,7 @@ def infer_ray(catalog, model, out, request=None, num_samples: int = 100, *, seed
                                sampler=sampler, steps=steps, id_column=id_column, columns=dict(columns or {}),
                                samples=samples, log_prob_of=list(log_prob_of or []))
     validate_options(est, options)
-    from .catalog import _check_catalog_columns
-
-    _check_catalog_columns(catalog, file_columns(catalog), est, options)
+    check_catalog_columns(catalog, file_columns(catalog), est, options)
     rows_per_batch = rows_per_batch or auto_rows_per_part(num_samples, len(options.request), samples)
     ranges = parquet_ranges(catalog, rows_per_batch)
 
@@ -149,5 +145,5 @@ def infer_ray(catalog, model, out, request=None, num_samples: int = 100, *, seed
                                "backend": backend, "device": actor_device, "threads": threads},
         compute=ray.data.ActorPoolStrategy(size=actors), **per_actor)
     results.write_parquet(str(out))
-    rows = int(np.sum([r["rows"] for r in ranges])) if ranges else 0
+    rows = sum(r["rows"] for r in ranges)
     return InferenceResult(out, rows, rows, len(ranges), time.perf_counter() - started)
