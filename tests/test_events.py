@@ -88,24 +88,31 @@ def test_estimator_event_probability(tiny_estimator):
         tiny_estimator.event_probability(inputs, request=["y"], event=ev, estimator="guess")
 
 
-def test_window_denoiser_starts_as_the_exact_gaussian_denoiser():
-    # Untrained (zero output layer), the preconditioned denoiser is the exact eps of
-    # N(mu, diag(v)): sigma (z - alpha mu) / (alpha^2 v + sigma^2), at every noise level.
+@pytest.mark.parametrize("architecture", ["mlp", "conv"])
+def test_window_denoiser_starts_as_the_exact_gaussian_denoiser(architecture):
+    # Untrained (zero output layer), the preconditioned denoiser is the exact eps of the
+    # Gaussian fitted to its training windows, at every noise level: for N(mu, S),
+    # eps = sigma (alpha^2 S + sigma^2 I)^-1 (z - alpha mu). The MLP fits a diagonal S
+    # (its inputs are PCA-whitened), the convolution the full covariance.
     from densiformer.diffusion.schedules import alpha_sigma
-    from densiformer.model.window_denoiser import WindowDenoiser
+    from densiformer.model.window_denoiser import WindowConfig, build_denoiser
 
     gen = torch.Generator().manual_seed(0)
-    mu, var = torch.randn(12, generator=gen), torch.rand(12, generator=gen) + 1e-3
-    net = WindowDenoiser(12, 32, 2)
-    net.set_data_moments(mu, var)
+    mix = torch.randn(12, 12, generator=gen) / 3 if architecture == "conv" else torch.diag(torch.rand(12, generator=gen) + 0.05)
+    data = torch.randn(4000, 12, generator=gen) @ mix.T + torch.randn(12, generator=gen)
+    net = build_denoiser(WindowConfig("test", 12, width=16, layers=2, architecture=architecture, length=4))
+    net.set_data_moments(data)
+    mu, cov = data.mean(0), torch.cov(data.T)
+    if architecture == "mlp":
+        cov = torch.diag(cov.diagonal())
     z = torch.randn(5, 12, generator=gen)
     for lam in (-9.0, -1.0, 0.5, 9.0):
         log_snr = torch.tensor(lam)
         alpha, sigma = alpha_sigma(log_snr)
-        expected = sigma * (z - alpha * mu) / (alpha**2 * var + sigma**2)
-        torch.testing.assert_close(net(z, log_snr), expected)
+        expected = sigma * torch.linalg.solve(alpha**2 * cov + sigma**2 * torch.eye(12), (z - alpha * mu).T).T
+        torch.testing.assert_close(net(z, log_snr), expected, atol=1e-5, rtol=1e-4)
         # Batched log-SNR (training) gives the same.
-        torch.testing.assert_close(net(z, log_snr.expand(5)), expected)
+        torch.testing.assert_close(net(z, log_snr.expand(5)), expected, atol=1e-5, rtol=1e-4)
         x0_gauss, c_out, f = net.x0_and_target_scale(z, log_snr.expand(5))
         torch.testing.assert_close(alpha * x0_gauss + sigma * expected, z, atol=1e-5, rtol=1e-5)
         assert (f == 0).all() and (c_out > 0).all()

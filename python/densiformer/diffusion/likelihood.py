@@ -84,11 +84,38 @@ def probability_flow(eps_fn, x0, schedule: Schedule, *, method: str = "adaptive"
         evaluated at the same x0 (e.g. a model and its guided field) share them.
     Runs in x0's dtype and device; works under torch.no_grad().
     """
-    k = x0.shape[-1]
+    x1, log_det, evaluations = _augmented_flow(eps_fn, x0, schedule.log_snr_max, schedule.log_snr_min, method,
+                                               steps, rtol, atol, divergence, probes, seed)
+    return FlowResult(_standard_normal_log_prob(x1) + log_det, x1, evaluations)
+
+
+def sample_with_log_prob(eps_fn, noise, schedule: Schedule, *, method: str = "fixed", steps: int = 32,
+                         rtol: float = 1e-5, atol: float = 1e-5, divergence: str = "exact", probes: int = 4,
+                         seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples of the probability-flow ODE and their log densities in one solve: (x0, log q(x0)).
+
+    Integrates `noise` (..., k), x1 ~ N(0, I) at log_snr_min, up to the data end with the
+    divergence alongside: log q(x0) = log N(x1) - integral of div v from lambda_min to
+    lambda_max. q is the density of the ODE's own samples, so an importance weight p / q
+    with these samples is unbiased up to the solver's error, even when eps_fn is not the
+    score of any diffusion (a guided field). Options as in `probability_flow`.
+    """
+    x0, log_det, _ = _augmented_flow(eps_fn, noise, schedule.log_snr_min, schedule.log_snr_max, method, steps,
+                                     rtol, atol, divergence, probes, seed)
+    return x0, _standard_normal_log_prob(noise) - log_det
+
+
+def _standard_normal_log_prob(x):
+    return -0.5 * (x**2).sum(-1) - 0.5 * x.shape[-1] * math.log(2 * math.pi)
+
+
+def _augmented_flow(eps_fn, x, lam_from: float, lam_to: float, method, steps, rtol, atol, divergence, probes, seed):
+    """Solve [x, l] with dl/dlambda = div v from lam_from to lam_to: (x at lam_to, l, evaluations)."""
+    k = x.shape[-1]
     if divergence == "exact":
         u = None
     elif divergence == "hutchinson":
-        u = hutchinson_probes(x0.shape, probes, seed, x0.dtype, x0.device)
+        u = hutchinson_probes(x.shape, probes, seed, x.dtype, x.device)
     else:
         raise ValueError(f"unknown divergence {divergence!r}; choose 'exact' or 'hutchinson'")
 
@@ -96,17 +123,14 @@ def probability_flow(eps_fn, x0, schedule: Schedule, *, method: str = "adaptive"
         v, div = _velocity_and_divergence(eps_fn, state[..., :k], lam, u)
         return torch.cat([v, div[..., None]], dim=-1)
 
-    state = torch.cat([x0.detach(), x0.new_zeros(*x0.shape[:-1], 1)], dim=-1)
-    lam_data, lam_noise = schedule.log_snr_max, schedule.log_snr_min
+    state = torch.cat([x.detach(), x.new_zeros(*x.shape[:-1], 1)], dim=-1)
     if method == "adaptive":
-        state, evaluations = _dormand_prince(velocity, state, lam_data, lam_noise, rtol, atol)
+        state, evaluations = _dormand_prince(velocity, state, lam_from, lam_to, rtol, atol)
     elif method == "fixed":
-        state, evaluations = _rk4(velocity, state, lam_data, lam_noise, steps)
+        state, evaluations = _rk4(velocity, state, lam_from, lam_to, steps)
     else:
         raise ValueError(f"unknown method {method!r}; choose 'adaptive' or 'fixed'")
-    x1, log_det = state[..., :k], state[..., k]
-    prior = -0.5 * (x1**2).sum(-1) - 0.5 * k * math.log(2 * math.pi)
-    return FlowResult(prior + log_det, x1, evaluations)
+    return state[..., :k], state[..., k], evaluations
 
 
 def _velocity_and_divergence(eps_fn, x, lam: float, probes: torch.Tensor | None = None):

@@ -2,20 +2,25 @@
 
 For Lorenz-63 or the two-unit FitzHugh-Nagumo system it trains (or loads from the cache)
 a window denoiser, draws windows conditioned on the paper's event with each guidance
-method, and compares with the truth from the simulator: the event rate from at least
-10^6 simulated windows and the true conditional (the simulated windows in the event).
+method, plain and inside the twisted SMC sampler (guidance.smc), and compares with the
+truth from the simulator: the event rate from at least 10^6 simulated windows and the
+true conditional (the simulated windows in the event).
 """
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 METHODS = (("moment", {}), ("moment", {"std_grad": False}), ("dps", {}), ("interval", {}))
+# Inside the twisted sampler, moment runs without the gradient through the std: the SMC
+# weights correct the proposal either way, and it is 4x cheaper.
+SMC_OPTIONS = {"moment": {"std_grad": False}, "dps": {}, "interval": {}}
+SMC_GROUPS = 4
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,7 @@ class System:
     fn: object  # event statistic of a physical window
     kind: str  # "below" or "above"
     threshold: float
+    denoiser: dict  # WindowConfig fields; the 1-D convolution matches the simulator far better than the MLP
 
 
 def _system(name: str, threshold: float | None) -> System:
@@ -32,10 +38,14 @@ def _system(name: str, threshold: float | None) -> System:
 
     if name == "lorenz63":
         return System(name, lorenz63, lorenz63.spectral_energy, "below",
-                      lorenz63.DEFAULT_THRESHOLD if threshold is None else threshold)
+                      lorenz63.DEFAULT_THRESHOLD if threshold is None else threshold,
+                      {"architecture": "conv", "length": lorenz63.STEPS, "width": 32, "layers": 8, "steps": 3000,
+                       "train_windows": 400_000})
     if name == "fitzhugh-nagumo":
         return System(name, fitzhugh_nagumo, fitzhugh_nagumo.max_mean_voltage, "above",
-                      fitzhugh_nagumo.DEFAULT_THRESHOLD if threshold is None else threshold)
+                      fitzhugh_nagumo.DEFAULT_THRESHOLD if threshold is None else threshold,
+                      {"architecture": "conv", "length": fitzhugh_nagumo.STEPS, "width": 32, "layers": 8,
+                       "steps": 3000})
     raise ValueError(f"unknown system {name!r}; choose 'lorenz63' or 'fitzhugh-nagumo'")
 
 
@@ -70,18 +80,20 @@ def simulator_truth(system: System, n: int, seed: int, progress: bool) -> np.nda
     return values
 
 
-def run(system_name: str, *, threshold=None, out=None, num_samples=1000, prob_samples=128, truth_windows=1_000_000,
-        seed=0, retrain=False, progress=True) -> dict:
+def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_particles=1000, smc_methods=("moment",),
+        prob_samples=0, truth_windows=1_000_000, seed=0, retrain=False, progress=True) -> dict:
+    """Sample the system's event with every method and compare with the simulator; returns the table."""
     from scipy import stats
 
     from ..model.window_denoiser import WindowConfig, load_or_train
     from .probability import binomial_estimate, estimate_from_log_ratios, log_ratios
     from .scores import guided_eps_fn, sample_with_event
+    from .smc import sample_twisted
 
     torch.manual_seed(seed)
     system = _system(system_name, threshold)
     started = time.perf_counter()
-    model = load_or_train(WindowConfig(system.name, system.module.DIM), system.module.simulate,
+    model = load_or_train(WindowConfig(system.name, system.module.DIM, **system.denoiser), system.module.simulate,
                           retrain=retrain, progress=progress)
     trained = time.perf_counter() - started
     truth_values = simulator_truth(system, truth_windows, seed + 7, progress)
@@ -96,6 +108,12 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=1000, prob_sa
     k = system.module.DIM
     generator = torch.Generator().manual_seed(seed)
 
+    def satisfied_and_ks(z):
+        c = constraint(system, system.fn(model.to_physical(z))).numpy()
+        ok = c > 0
+        ks = stats.ks_2samp(c[ok], true_conditional).statistic if ok.sum() > 1 else 1.0
+        return c, float(ok.mean()), float(ks)
+
     def draw(guidance, options, n):
         t0 = time.perf_counter()
         z = sample_with_event(denoiser, schedule, event_z, (n, k), guidance=guidance, guidance_options=options,
@@ -104,36 +122,50 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=1000, prob_sa
 
     unguided, t_plain = draw(None, None, num_samples)
     mc = binomial_estimate(event_z.indicator(unguided))
-    rows = [{"method": "unguided", "satisfied": float(mc.p), "ks": None, "p": float(mc.p), "p_se": float(mc.p_se),
-             "ms_per_sample": 1e3 * t_plain}]
+    _, _, ks_unguided = satisfied_and_ks(unguided)
+    rows = [{"method": "unguided", "satisfied": float(mc.p), "ks": ks_unguided, "p": float(mc.p),
+             "p_se": float(mc.p_se), "p_estimator": "monte carlo", "ms_per_sample": 1e3 * t_plain}]
     histograms = {}
     for guidance, options in METHODS:
         label = guidance + ("" if options.get("std_grad", True) else " (std stopped)")
         z, t_guided = draw(guidance, options, num_samples)
-        c = constraint(system, system.fn(model.to_physical(z))).numpy()
-        ok = c > 0
-        ks = stats.ks_2samp(c[ok], true_conditional).statistic if ok.sum() > 1 else 1.0
-        histograms[label] = c
-        row = {"method": label, "satisfied": float(ok.mean()), "ks": float(ks), "p": float("nan"),
-               "p_se": float("nan"), "ms_per_sample": 1e3 * t_guided}
+        histograms[label], satisfied, ks = satisfied_and_ks(z)
+        row = {"method": label, "satisfied": satisfied, "ks": ks, "p": float("nan"), "p_se": float("nan"),
+               "ms_per_sample": 1e3 * t_guided}
         if prob_samples:
             # P(E) from a subset of the guided samples: two probability-flow ODEs each, with
             # Hutchinson's divergence (probability.HUTCHINSON_PROBES probes) at these dims.
             zp = z[:prob_samples]
             guided = guided_eps_fn(denoiser, event_z, guidance, options)
-            inside = torch.from_numpy(ok[:prob_samples])
-            ratio = log_ratios(denoiser, guided, zp, schedule, inside)
-            est = estimate_from_log_ratios(ratio, inside, "direct")
-            imp = estimate_from_log_ratios(ratio, inside, "importance")
-            row.update(p=float(est.p), p_se=float(est.p_se), p_importance=float(imp.p),
-                       p_importance_se=float(imp.p_se), ode_failed=int((inside & ~torch.isfinite(ratio)).sum()))
+            ok = event_z.indicator(zp)
+            ratio = log_ratios(denoiser, guided, zp, schedule, ok)
+            est = estimate_from_log_ratios(ratio, ok, "direct")
+            imp = estimate_from_log_ratios(ratio, ok, "importance")
+            row.update(p=float(est.p), p_se=float(est.p_se), p_estimator="ODE direct", p_importance=float(imp.p),
+                       p_importance_se=float(imp.p_se), ode_failed=int((ok & ~torch.isfinite(ratio)).sum()))
         rows.append(row)
         if progress:
             print(f"  {label}: done", flush=True)
+    for guidance in smc_methods if smc_particles else ():
+        t0 = time.perf_counter()
+        result = sample_twisted(denoiser, schedule, event_z, (smc_particles, k), guidance=guidance,
+                                guidance_options=SMC_OPTIONS[guidance], groups=SMC_GROUPS, generator=generator)
+        seconds = (time.perf_counter() - t0) / smc_particles
+        label = f"{guidance} + SMC"
+        histograms[label], satisfied, ks = satisfied_and_ks(result.x)
+        rows.append({"method": label, "satisfied": satisfied, "ks": ks, "p": float(result.p),
+                     "p_se": float(result.p_se), "p_estimator": "SMC", "ms_per_sample": 1e3 * seconds,
+                     "distinct": int(result.distinct.sum()), "particles": smc_particles,
+                     "min_ess": result.min_ess, "resamplings": result.resamplings})
+        if progress:
+            print(f"  {label}: done", flush=True)
+    for row in rows:
+        row["time_vs_unguided"] = row["ms_per_sample"] / rows[0]["ms_per_sample"]
     result = {"system": system.name, "threshold": system.threshold, "p_true": float(p_true),
               "p_true_se": float(p_true_se), "truth_windows": len(truth_c), "num_samples": num_samples,
-              "prob_samples": prob_samples, "train_seconds": model.seconds, "setup_seconds": trained,
-              "config": model.config.key(), "rows": rows, "seconds": time.perf_counter() - started}
+              "smc_particles": smc_particles, "prob_samples": prob_samples, "train_seconds": model.seconds,
+              "setup_seconds": trained, "config": asdict(model.config), "config_key": model.config.key(),
+              "rows": rows, "seconds": time.perf_counter() - started}
     print(format_table(result))
     if out is not None:
         out = Path(out)
@@ -146,15 +178,19 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=1000, prob_sa
 
 def format_table(result: dict) -> str:
     lines = [f"{result['system']}: P(E) true = {result['p_true']:.4g} +- {result['p_true_se']:.2g} "
-             f"({result['truth_windows']} simulated windows); {result['num_samples']} samples per method, "
-             f"P(E) from {result['prob_samples']} of them",
-             f"{'method':<24}{'satisfied':>10}{'KS':>7}{'P(E) direct':>22}{'P(E) importance':>22}{'ms/sample':>11}"]
+             f"({result['truth_windows']} simulated windows); {result['num_samples']} samples per plain method, "
+             f"{result['smc_particles']} particles per SMC run",
+             f"{'method':<24}{'satisfied':>10}{'KS':>7}{'P(E)':>20} {'(how)':<12}{'P(E) importance':>20}"
+             f"{'distinct':>9}{'ms/sample':>11}{'x unguided':>11}"]
     for r in result["rows"]:
-        ks = "-" if r["ks"] is None else f"{r['ks']:.3f}"
         imp = f"{r['p_importance']:.4g} +- {r['p_importance_se']:.2g}" if "p_importance" in r else "-"
-        name = "unguided (MC)" if r["method"] == "unguided" else r["method"]
-        lines.append(f"{name:<24}{r['satisfied']:>10.3f}{ks:>7}{r['p']:>13.4g} +- {r['p_se']:<6.2g}{imp:>22}"
-                     f"{r['ms_per_sample']:>11.2f}")
+        p = f"{r['p']:.4g} +- {r['p_se']:.2g}" if np.isfinite(r["p"]) else "-"
+        distinct = f"{r['distinct']}" if "distinct" in r else "-"
+        name = "unguided" if r["method"] == "unguided" else r["method"]
+        lines.append(f"{name:<24}{r['satisfied']:>10.3f}{r['ks']:>7.3f}{p:>20} {r.get('p_estimator', ''):<12}"
+                     f"{imp:>20}{distinct:>9}{r['ms_per_sample']:>11.2f}{r['time_vs_unguided']:>11.1f}")
+    lines.append("KS: C(x) of the samples in the event against the simulator's conditional (unguided: its own "
+                 "samples in the event); distinct: SMC particles with different ancestors at the start.")
     return "\n".join(lines)
 
 
@@ -185,11 +221,16 @@ def add_events_parser(subparsers):
                         "(FitzHugh-Nagumo: C = max_t mean voltage - T); default: the system's")
     p.add_argument("--threshold", type=float, default=None, help="T (default: the system's DEFAULT_THRESHOLD)")
     p.add_argument("--out", default=None, help="directory for the JSON table and the histogram PNG")
-    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--num-samples", type=int, default=500, help="samples per plain guidance method")
+    p.add_argument("--smc-particles", type=int, default=1000,
+                   help="particles of the twisted SMC sampler (a multiple of 4; 0: skip it)")
+    p.add_argument("--smc-guidance", default="moment",
+                   help="comma-separated guidance methods to run inside the SMC sampler (default: moment)")
     # Off by default: the guided probability-flow ODE in 180-240 dimensions takes many
-    # minutes on a CPU, and is not yet accurate with the current window denoiser (issue #7).
+    # minutes on a CPU; the SMC rows give P(E) at the cost of sampling.
     p.add_argument("--prob-samples", type=int, default=0,
-                   help="guided samples per P(E) estimate (default 0: skip it; slow in 180+ dimensions)")
+                   help="guided samples per probability-flow P(E) estimate (default 0: skip it; slow in 180+ "
+                        "dimensions)")
     p.add_argument("--truth-windows", type=int, default=1_000_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--retrain", action="store_true", help="train the denoiser again, ignoring the cache")
@@ -203,7 +244,13 @@ def cmd_events(args) -> int:
         raise ValueError(f"{args.system} has the event {expected!r}, not {args.event!r}")
     if args.num_samples < 2 or not (args.prob_samples == 0 or 2 <= args.prob_samples <= args.num_samples):
         raise ValueError("need --num-samples >= --prob-samples >= 2, or --prob-samples 0")
-    torch.set_num_threads(1)
+    if args.smc_particles and (args.smc_particles < 2 * SMC_GROUPS or args.smc_particles % SMC_GROUPS):
+        raise ValueError(f"--smc-particles must be 0 or a multiple of {SMC_GROUPS} of at least {2 * SMC_GROUPS}")
+    smc_methods = tuple(m.strip() for m in args.smc_guidance.split(",") if m.strip())
+    unknown = set(smc_methods) - set(SMC_OPTIONS)
+    if unknown:
+        raise ValueError(f"--smc-guidance: unknown method(s) {sorted(unknown)}; choose from {sorted(SMC_OPTIONS)}")
     run(args.system, threshold=args.threshold, out=args.out, num_samples=args.num_samples,
-        prob_samples=args.prob_samples, truth_windows=args.truth_windows, seed=args.seed, retrain=args.retrain)
+        smc_particles=args.smc_particles, smc_methods=smc_methods, prob_samples=args.prob_samples,
+        truth_windows=args.truth_windows, seed=args.seed, retrain=args.retrain)
     return 0

@@ -39,8 +39,10 @@ from .events import Equals, Event, as_event
 
 GUIDANCE = ("moment", "dps", "interval")
 _OPTIONS = {"moment": {"std_grad": True}, "dps": {"step_size": 1.0}, "interval": {"sharpness": 1.0}}
-# Floor on the moment method's variance, relative to the isotropic r_t^2 |g|^2: a learned
-# denoiser's J need not be positive definite.
+# Floor on the moment method's variance, relative to sigma_t^2 |g|^2 (the posterior
+# variance of a unit-variance prior, below both r_t^2 and 1): a learned denoiser's J need
+# not be positive definite. (Relative to r_t^2 |g|^2 instead, the floor exceeded the true
+# variance at high noise, where r_t^2 = 1 / alpha^2 reaches 2e4.)
 _MIN_RELATIVE_VAR = 1e-4
 
 
@@ -79,11 +81,19 @@ def guided_eps_fn(eps_fn, event: Event, guidance: str = "moment", options: dict 
     When x requires grad (as in the probability-flow likelihood, which differentiates the
     guided field for its divergence) the result keeps its graph; otherwise it is detached.
     """
+    terms = guidance_terms(eps_fn, event, guidance, options)
+    return lambda x, log_snr: terms(x, log_snr)[0]
+
+
+def guidance_terms(eps_fn, event: Event, guidance: str = "moment", options: dict | None = None):
+    """terms(x, log_snr) -> (eps_E, eps, log_lik): the guided and unguided noise predictions
+    and the method's approximation of log p(E | x_t) per sample (what it differentiates).
+    The twisted sampler (guidance.smc) weighs particles with log_lik."""
     event = as_event(event)
     options = check_guidance(guidance, options)
     atoms = event.atoms()
 
-    def guided(x, log_snr):
+    def terms(x, log_snr):
         keep_graph = x.requires_grad and torch.is_grad_enabled()
         alpha, sigma = alpha_sigma(log_snr.to(torch.float64))
         alpha, sigma = float(alpha), float(sigma)
@@ -93,7 +103,7 @@ def guided_eps_fn(eps_fn, event: Event, guidance: str = "moment", options: dict 
             x0 = (xt - sigma * eps) / alpha
             r2 = (sigma / alpha) ** 2
             if guidance == "moment":
-                grad = _moment_grad(atoms, xt, x0, sigma**2 / alpha, r2, options["std_grad"], keep_graph)
+                grad, loglik = _moment_grad(atoms, xt, x0, sigma**2 / alpha, sigma**2, options["std_grad"], keep_graph)
             else:
                 values = [a.value(x0) for a in atoms]
                 if guidance == "dps":
@@ -106,13 +116,15 @@ def guided_eps_fn(eps_fn, event: Event, guidance: str = "moment", options: dict 
         # Where the approximation breaks down numerically (e.g. a non-differentiable point of
         # the event function at x0_hat), that sample gets no guidance at this step.
         out = eps - sigma * torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-        return out if keep_graph else out.detach()
+        if keep_graph:
+            return out, eps, loglik
+        return out.detach(), eps.detach(), loglik.detach()
 
-    return guided
+    return terms
 
 
-def _moment_grad(atoms, xt, x0, cov_scale, r2, std_grad, keep_graph):
-    """grad_{x_t} of sum_e log p(E_e | x_t) under the moment-matched Gaussian."""
+def _moment_grad(atoms, xt, x0, cov_scale, floor_scale, std_grad, keep_graph):
+    """(grad_{x_t} of L, L) for L = sum_e log p(E_e | x_t) under the moment-matched Gaussian."""
     second_order = std_grad or keep_graph
     terms, values, vjps = [], [], []
     for atom in atoms:
@@ -120,18 +132,19 @@ def _moment_grad(atoms, xt, x0, cov_scale, r2, std_grad, keep_graph):
         (g,) = torch.autograd.grad(value.sum(), x0, create_graph=True)
         (jtg,) = torch.autograd.grad(x0, xt, grad_outputs=g, create_graph=second_order, retain_graph=True)
         var = cov_scale * (jtg * g).sum(-1)
-        var = torch.maximum(var, _MIN_RELATIVE_VAR * r2 * (g * g).sum(-1))
+        var = torch.maximum(var, _MIN_RELATIVE_VAR * floor_scale * (g * g).sum(-1))
         if not std_grad:
             var = var.detach()
         terms.append(_log_likelihood(atom, value, var))
         values.append(value)
         vjps.append(jtg)
+    loglik = sum(terms)
     if std_grad:
-        (grad,) = torch.autograd.grad(sum(t.sum() for t in terms), xt, create_graph=keep_graph)
-        return grad
+        (grad,) = torch.autograd.grad(loglik.sum(), xt, create_graph=keep_graph)
+        return grad, loglik
     # s held fixed: d/dx_t L(f(x0_hat)) = dL/df * J^T g, with the products above.
-    dl_df = torch.autograd.grad(sum(t.sum() for t in terms), values, create_graph=keep_graph)
-    return sum(d[..., None] * jtg for d, jtg in zip(dl_df, vjps))
+    dl_df = torch.autograd.grad(loglik.sum(), values, create_graph=keep_graph)
+    return sum(d[..., None] * jtg for d, jtg in zip(dl_df, vjps)), loglik
 
 
 def _log_likelihood(atom, value, var):

@@ -67,6 +67,8 @@ class WindowConfig:
     variance_floor: float = 1e-3  # relative; see load_or_train
     version: int = 2  # 2: Gaussian-skip preconditioning, FiLM residual blocks
     loss_weighting: str = "unit"  # "unit": every whitened dimension alike; "variance": by its variance
+    architecture: str = "mlp"  # "mlp" (WindowDenoiser) or "conv" (ConvWindowDenoiser)
+    length: int = 0  # time steps per window (conv only; the channels are dim // length)
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -106,9 +108,9 @@ class WindowDenoiser(nn.Module):
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
 
-    def set_data_moments(self, mean, var):
-        self.data_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
-        self.data_var.copy_(torch.as_tensor(var, dtype=torch.float32))
+    def set_data_moments(self, z):
+        self.data_mean.copy_(z.mean(0))
+        self.data_var.copy_(z.var(0))
 
     def network(self, u, log_snr):
         angles = (log_snr.to(u.dtype) / LOG_SNR_RANGE)[..., None] * self.frequencies.to(u.dtype)
@@ -138,6 +140,83 @@ class WindowDenoiser(nn.Module):
         f = self.network(centred * total.rsqrt(), log_snr)
         # eps = (z - alpha x0_hat) / sigma, written without dividing by sigma.
         return sigma * centred / total - alpha * (var / total).sqrt() * f
+
+
+class ConvWindowDenoiser(nn.Module):
+    def __init__(self, length, channels, width, blocks, time_features=32):
+        super().__init__()
+        dim = length * channels
+        self.length, self.channels = length, channels
+        self.register_buffer("frequencies", math.pi * torch.logspace(0, math.log10(64), time_features // 2), persistent=False)
+        self.register_buffer("data_mean", torch.zeros(dim))
+        self.register_buffer("eigvec", torch.eye(dim))
+        self.register_buffer("eigval", torch.ones(dim))
+        self.time_mlp = nn.Sequential(nn.Linear(time_features, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU())
+        self.stem = nn.Conv1d(2 * channels, width, 3, padding=1)
+        dil = [2 ** (i % 4) for i in range(blocks)]
+        self.norm1 = nn.ModuleList(nn.GroupNorm(8, width) for _ in dil)
+        self.conv1 = nn.ModuleList(nn.Conv1d(width, width, 3, padding=d, dilation=d) for d in dil)
+        self.norm2 = nn.ModuleList(nn.GroupNorm(8, width) for _ in dil)
+        self.film = nn.ModuleList(nn.Linear(width, 2 * width) for _ in dil)
+        self.conv2 = nn.ModuleList(nn.Conv1d(width, width, 3, padding=d, dilation=d) for d in dil)
+        self.out_norm = nn.GroupNorm(8, width)
+        self.out = nn.Conv1d(width, channels, 3, padding=1)
+        nn.init.zeros_(self.out.weight); nn.init.zeros_(self.out.bias)
+
+    def set_data_moments(self, z):
+        self.data_mean.copy_(z.mean(0))
+        val, vec = torch.linalg.eigh(torch.cov(z.T.double()))
+        self.eigval.copy_(val.clamp_min(0).float()); self.eigvec.copy_(vec.float())
+
+    def to_time(self, v):
+        return v.reshape(*v.shape[:-1], self.length, self.channels).transpose(-1, -2)
+
+    def network(self, u, x0g, log_snr):
+        # Convolutions take (batch, channels, time): flatten any leading dims into one.
+        batch = u.shape[:-1]
+        log_snr = log_snr.to(u.dtype).expand(batch).reshape(-1)
+        angles = (log_snr / LOG_SNR_RANGE)[..., None] * self.frequencies.to(u.dtype)
+        emb = self.time_mlp(torch.cat([angles.sin(), angles.cos()], -1))
+        h = self.stem(torch.cat([self.to_time(u.reshape(-1, u.shape[-1])), self.to_time(x0g.reshape(-1, u.shape[-1]))], -2))
+        for norm1, conv1, norm2, film, conv2 in zip(self.norm1, self.conv1, self.norm2, self.film, self.conv2):
+            scale, shift = film(emb)[..., None].chunk(2, -2)
+            r = conv1(F.silu(norm1(h)))
+            h = h + conv2(F.silu(norm2(r) * (1 + scale) + shift))
+        out = self.out(F.silu(self.out_norm(h)))
+        return out.transpose(-1, -2).reshape(u.shape)
+
+    def _pieces(self, z, log_snr):
+        alpha, sigma = alpha_sigma(log_snr.to(z.dtype))
+        alpha, sigma = alpha[..., None], sigma[..., None]
+        lam, U = self.eigval.to(z.dtype), self.eigvec.to(z.dtype)
+        total = alpha**2 * lam + sigma**2
+        centred = z - alpha * self.data_mean.to(z.dtype)
+        coords = centred @ U
+        return alpha, sigma, lam, U, total, centred, coords
+
+    def x0_and_target_scale(self, z, log_snr):
+        alpha, sigma, lam, U, total, centred, coords = self._pieces(z, log_snr)
+        x0g = self.data_mean.to(z.dtype) + (coords * alpha * lam / total) @ U.T
+        c_in = total.mean(-1, keepdim=True).rsqrt()
+        c_out = sigma * (lam / total).mean(-1, keepdim=True).sqrt()
+        return x0g, c_out, self.network(centred * c_in, x0g, log_snr)
+
+    def forward(self, z, log_snr):
+        alpha, sigma, lam, U, total, centred, coords = self._pieces(z, log_snr)
+        x0g = self.data_mean.to(z.dtype) + (coords * alpha * lam / total) @ U.T
+        c_in = total.mean(-1, keepdim=True).rsqrt()
+        f = self.network(centred * c_in, x0g, log_snr)
+        return (coords * sigma / total) @ U.T - alpha * (lam / total).mean(-1, keepdim=True).sqrt() * f
+
+
+def build_denoiser(config: WindowConfig) -> nn.Module:
+    if config.architecture == "mlp":
+        return WindowDenoiser(config.dim, config.width, config.layers)
+    if config.architecture == "conv":
+        if config.length < 1 or config.dim % config.length:
+            raise ValueError(f"conv needs a window length dividing dim {config.dim}, got {config.length}")
+        return ConvWindowDenoiser(config.length, config.dim // config.length, config.width, config.layers)
+    raise ValueError(f"unknown architecture {config.architecture!r}; choose 'mlp' or 'conv'")
 
 
 class WindowModel:
@@ -176,16 +255,22 @@ def load_or_train(config: WindowConfig, simulate, *, retrain: bool = False, prog
     if not retrain and (path / "model.safetensors").is_file() and (path / "config.json").is_file():
         meta = json.loads((path / "config.json").read_text())
         if meta.get("config") == asdict(config):
-            denoiser = WindowDenoiser(config.dim, config.width, config.layers)
+            denoiser = build_denoiser(config)
             denoiser.load_state_dict(load_file(str(path / "model.safetensors")))
             return WindowModel(config, denoiser, np.array(meta["mean"]), np.array(meta["basis"]), meta["seconds"])
     data = np.asarray(simulate(config.train_windows, config.seed + 1), dtype=np.float64)
-    mean = data.mean(0)
-    eigval, eigvec = np.linalg.eigh(np.cov(data - mean, rowvar=False))
-    # Modes below 1e-3 of the largest variance keep that floor: fully whitened, the
-    # hundred-odd near-deterministic fast modes took the loss over and the model lost the
-    # slow ones (its 50% quantile of the Lorenz energy fell to the simulator's 10%).
-    basis = eigvec * np.sqrt(np.maximum(eigval, config.variance_floor * eigval.max()))
+    if config.architecture == "conv":
+        # Per-channel standardisation keeps the time layout the convolutions work on.
+        per_channel = data.reshape(len(data), config.length, -1)
+        mean = np.tile(per_channel.mean((0, 1)), config.length)
+        basis = np.diag(np.tile(per_channel.std((0, 1)), config.length))
+    else:
+        mean = data.mean(0)
+        eigval, eigvec = np.linalg.eigh(np.cov(data - mean, rowvar=False))
+        # Modes below 1e-3 of the largest variance keep that floor: fully whitened, the
+        # hundred-odd near-deterministic fast modes took the loss over and the model lost the
+        # slow ones (its 50% quantile of the Lorenz energy fell to the simulator's 10%).
+        basis = eigvec * np.sqrt(np.maximum(eigval, config.variance_floor * eigval.max()))
     z = np.linalg.solve(basis, (data - mean).T).T.astype(np.float32)
     started = time.perf_counter()
     denoiser = train(config, torch.from_numpy(z), progress)
@@ -207,8 +292,8 @@ def train(config: WindowConfig, z: torch.Tensor, progress: bool = True) -> Windo
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     schedule = get_schedule(config.schedule)
-    model = WindowDenoiser(config.dim, config.width, config.layers)
-    model.set_data_moments(z.mean(0), z.var(0))
+    model = build_denoiser(config)
+    model.set_data_moments(z)
     weight = z.var(0) / z.var(0).mean() if config.loss_weighting == "variance" else torch.ones(z.shape[-1])
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
