@@ -223,7 +223,7 @@ class DensityEstimator:
 
     def sample(self, inputs, request=None, num_samples: int = 1000, steps=None, sampler=None,
                backend="auto", seed: int = 0, *, progress=None, event=None, guidance="moment",
-               guidance_options=None) -> np.ndarray:
+               guidance_options=None, smc=False) -> np.ndarray:
         """Draw samples of the requested targets for every row of `inputs`.
 
         Returns an array (n_rows, num_samples, len(request)) in physical units. The same
@@ -234,18 +234,23 @@ class DensityEstimator:
         event: a densiformer.events event in physical units of the requested targets;
         samples are then drawn from p(request | inputs, event) with `guidance` ("moment",
         "dps" or "interval"; see guidance.scores) on the generic sampler loop (default
-        120-step DDPM), not the fused kernel.
+        120-step DDPM), not the fused kernel. smc=True corrects the guidance with the
+        twisted SMC sampler (guidance.smc): every sample is then in the event and the
+        samples tend to the model's exact conditional; each row's samples are one
+        particle system, so some repeat.
         """
         self._require_fitted()
         request = self._request(request)
         if num_samples < 1:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
         values = self._normalized(inputs)
+        if smc and event is None:
+            raise ValueError("smc=True needs an event")
         if event is not None:
             from .guidance.estimator_api import sample_guided
 
             z = sample_guided(self, values, request, num_samples, event, guidance, guidance_options, sampler,
-                              steps, seed, bool(progress))
+                              steps, seed, bool(progress), smc)
             return self.schema.denormalize(z, request).astype(np.float32)
         request_idx = [self.targets.index(r) for r in request]
         z = self._sample_normalized(values, request_idx, num_samples, sampler, steps, backend, seed, progress)
@@ -363,7 +368,9 @@ class DensityEstimator:
 
         estimator "direct" (Finzi et al. 2023: log p(x) - log p(x | E) over `num_samples`
         guided draws, both from the probability-flow ODE), "importance" (E_q[1_E p / q]),
-        or "monte_carlo" (the fraction of unguided draws in the event). log=True returns
+        "smc" (the twisted SMC sampler's unbiased estimate, from the sampling alone: no ODE;
+        num_samples a multiple of 4), or "monte_carlo" (the fraction of unguided draws in
+        the event). log=True returns
         log P and its standard error instead. See guidance.probability.
         """
         from .guidance.estimator_api import event_probability

@@ -39,10 +39,11 @@ from .events import Equals, Event, as_event
 
 GUIDANCE = ("moment", "dps", "interval")
 _OPTIONS = {"moment": {"std_grad": True}, "dps": {"step_size": 1.0}, "interval": {"sharpness": 1.0}}
-# Floor on the moment method's variance, relative to sigma_t^2 |g|^2 (the posterior
-# variance of a unit-variance prior, below both r_t^2 and 1): a learned denoiser's J need
-# not be positive definite. (Relative to r_t^2 |g|^2 instead, the floor exceeded the true
-# variance at high noise, where r_t^2 = 1 / alpha^2 reaches 2e4.)
+# Floor on the moment method's variance, relative to the isotropic r_t^2 |g|^2: a learned
+# denoiser's J need not be positive definite. At log-SNR below about -9 (r_t^2 > 1e4) the
+# floor exceeds a unit-scale prior's variance and softens the first step or two of the
+# guidance; a floor relative to sigma_t^2 instead let a barely trained model's guided
+# field blow up the likelihood ODE (tests/test_events.py).
 _MIN_RELATIVE_VAR = 1e-4
 
 
@@ -103,7 +104,7 @@ def guidance_terms(eps_fn, event: Event, guidance: str = "moment", options: dict
             x0 = (xt - sigma * eps) / alpha
             r2 = (sigma / alpha) ** 2
             if guidance == "moment":
-                grad, loglik = _moment_grad(atoms, xt, x0, sigma**2 / alpha, sigma**2, options["std_grad"], keep_graph)
+                grad, loglik = _moment_grad(atoms, xt, x0, sigma**2 / alpha, r2, options["std_grad"], keep_graph)
             else:
                 values = [a.value(x0) for a in atoms]
                 if guidance == "dps":
@@ -123,7 +124,7 @@ def guidance_terms(eps_fn, event: Event, guidance: str = "moment", options: dict
     return terms
 
 
-def _moment_grad(atoms, xt, x0, cov_scale, floor_scale, std_grad, keep_graph):
+def _moment_grad(atoms, xt, x0, cov_scale, r2, std_grad, keep_graph):
     """(grad_{x_t} of L, L) for L = sum_e log p(E_e | x_t) under the moment-matched Gaussian."""
     second_order = std_grad or keep_graph
     terms, values, vjps = [], [], []
@@ -132,7 +133,7 @@ def _moment_grad(atoms, xt, x0, cov_scale, floor_scale, std_grad, keep_graph):
         (g,) = torch.autograd.grad(value.sum(), x0, create_graph=True)
         (jtg,) = torch.autograd.grad(x0, xt, grad_outputs=g, create_graph=second_order, retain_graph=True)
         var = cov_scale * (jtg * g).sum(-1)
-        var = torch.maximum(var, _MIN_RELATIVE_VAR * floor_scale * (g * g).sum(-1))
+        var = torch.maximum(var, _MIN_RELATIVE_VAR * r2 * (g * g).sum(-1))
         if not std_grad:
             var = var.detach()
         terms.append(_log_likelihood(atom, value, var))

@@ -63,9 +63,14 @@ def sample_twisted(denoiser, schedule: Schedule, event: Event, shape, *, guidanc
     if not 0 < ess_fraction <= 1:
         raise ValueError(f"ess_fraction must be in (0, 1], got {ess_fraction}")
     event = as_event(event)
-    terms = guidance_terms(as_eps_fn(denoiser, prediction), event, guidance, guidance_options)
+    guided_terms = guidance_terms(as_eps_fn(denoiser, prediction), event, guidance, guidance_options)
     *batch, n, k = shape
     grouped = (*batch, groups, n // groups, k)
+
+    def terms(x, log_snr):
+        # The denoiser sees the caller's (..., n, k) layout (it may broadcast a per-row condition).
+        eps_g, eps_u, twist = guided_terms(x.reshape(shape), log_snr)
+        return eps_g.reshape(grouped), eps_u.reshape(grouped), twist.reshape(grouped[:-1])
     x = torch.randn(grouped, generator=generator, dtype=dtype, device=device)
     lams = log_snr_grid(schedule, steps, "time").tolist()
     origin = torch.arange(n // groups, device=device).expand(grouped[:-1]).clone()
