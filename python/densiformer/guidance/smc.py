@@ -41,7 +41,7 @@ class TwistedSample(NamedTuple):
 
     x: torch.Tensor  # (..., n, k) unweighted samples, each in E (if P > 0)
     p: torch.Tensor  # P(E) estimate: the mean over groups of each group's estimate
-    p_se: torch.Tensor  # its standard error from the spread across groups
+    p_se: torch.Tensor  # its standard error from the spread across groups (NaN for one group)
     min_ess: float  # smallest effective sample size seen, as a fraction of a group's particles
     resamplings: int
     distinct: torch.Tensor  # distinct initial particles among the final ones, per group (..., groups)
@@ -57,7 +57,7 @@ def sample_twisted(denoiser, schedule: Schedule, event: Event, shape, *, guidanc
     n / groups (n must divide), which gives P(E) its standard error.
     """
     shape = tuple(shape)
-    if len(shape) < 2 or shape[-2] < 2 * groups or shape[-2] % groups:
+    if len(shape) < 2 or groups < 1 or shape[-2] < 2 * groups or shape[-2] % groups:
         raise ValueError(f"shape must be (..., n, k) with n a multiple of groups={groups} and n >= 2 * groups, "
                          f"got {shape}")
     if not 0 < ess_fraction <= 1:
@@ -113,7 +113,8 @@ def sample_twisted(denoiser, schedule: Schedule, event: Event, shape, *, guidanc
     log_z, log_w, (x, origin) = _resample(log_z, log_w, (x, origin), generator)
     p_groups = log_z.exp()
     p = p_groups.mean(-1)
-    p_se = p_groups.std(-1) / math.sqrt(groups)
+    # One group (sampling only) has no spread to take a standard error from.
+    p_se = p_groups.std(-1) / math.sqrt(groups) if groups > 1 else torch.full_like(p, math.nan)
     distinct = torch.tensor([len(torch.unique(o)) for o in origin.reshape(-1, origin.shape[-1])],
                             device=device).reshape(origin.shape[:-1])
     return TwistedSample(x.reshape(shape), p, p_se, min_ess, resamplings, distinct)
