@@ -1,13 +1,17 @@
 """Event-conditioned sampling of dynamical-system windows against simulator truth.
 
-    python benchmarks/bench_events.py [--systems lorenz63,fitzhugh-nagumo] [--num-samples N] [--out results.json]
+    python benchmarks/bench_events.py [--systems lorenz63,fitzhugh-nagumo] [--num-samples N]
+        [--smc-particles N] [--smc-guidance moment,dps,interval] [--prob-samples N] [--out results.json]
 
 For each system: trains (or loads from the cache) the window denoiser, then for every
 guidance method ("moment" with and without the gradient through the std, "dps",
-"interval") reports the fraction of samples in the event, the KS statistic of C(x)
-among them against the simulator's conditional (rejection from 10^6 windows), P(E) by
-the direct and importance-sampling estimators against the simulated rate, and the time
-per guided sample against unguided. See densiformer/guidance/cli.py (`densiformer events`).
+"interval"), plain and inside the twisted SMC sampler, reports the fraction of samples
+in the event, the KS statistic of C(x) among them against the simulator's conditional
+(rejection from 10^6 windows), P(E) (SMC's estimate; with --prob-samples also the
+probability-flow direct and importance-sampling estimates) against the simulated rate,
+and the time per guided sample against unguided. See densiformer/guidance/cli.py
+(`densiformer events`), which writes the per-system JSON and histogram PNG to
+benchmarks/results/events/.
 """
 from __future__ import annotations
 
@@ -23,16 +27,19 @@ from common import RESULTS, device_info, write_result
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--systems", default="lorenz63,fitzhugh-nagumo")
-    parser.add_argument("--num-samples", type=int, default=2000)
-    parser.add_argument("--prob-samples", type=int, default=256)
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--smc-particles", type=int, default=2000)
+    parser.add_argument("--smc-guidance", default="moment,dps,interval")
+    parser.add_argument("--prob-samples", type=int, default=0)
     parser.add_argument("--truth-windows", type=int, default=1_000_000)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    results = {name: run(name, out=RESULTS / "events", num_samples=args.num_samples, prob_samples=args.prob_samples,
-                         truth_windows=args.truth_windows)
+    results = {name: run(name, out=RESULTS / "events", num_samples=args.num_samples,
+                         smc_particles=args.smc_particles, smc_methods=tuple(args.smc_guidance.split(",")),
+                         prob_samples=args.prob_samples, truth_windows=args.truth_windows)
                for name in args.systems.split(",")}
-    write_result("events", {"device": device_info(torch.device("cpu")), "results": results}, args.out)
+    write_result("events", {"device": device_info(torch.device("cpu")), "threads": torch.get_num_threads(),
+                            "results": results}, args.out)
 
 
 if __name__ == "__main__":

@@ -138,14 +138,33 @@ def _robust_log_ratio(eps_fn, guided_fn, x, schedule, options):
                           _robust_log_ratio(eps_fn, guided_fn, x[half:], schedule, options)])
 
 
+def flow_log_ratios(eps_fn, guided_fn, noise: torch.Tensor, schedule: Schedule, event: Event,
+                    ode_options: dict | None = None):
+    """Samples of the guided probability-flow ODE from `noise`, with log p(x) - log q(x).
+
+    Returns (x, log_ratio, inside). q is the density of these very samples (the guided
+    ODE's push-forward of N(0, I), integrated alongside them), so the importance form is
+    unbiased up to the solver's error, and the direct form's bias is exactly KL(q_E || p_E).
+    """
+    options = ode_options_for(noise.shape[-1], ode_options)
+    with torch.no_grad():
+        x, log_q = likelihood.sample_with_log_prob(guided_fn, noise, schedule, **options)
+        inside = event.indicator(x)
+        log_p = likelihood.log_prob(eps_fn, x, schedule, **options)
+    return x, log_p - log_q, inside
+
+
 def event_probability(denoiser, schedule: Schedule, event: Event, shape, *, guidance: str = "moment",
                       guidance_options: dict | None = None, prediction: str = "eps", estimator: str = "direct",
-                      sampler: str = "ddpm", steps: int = 100, generator: torch.Generator | None = None,
+                      sampler: str = "flow", steps: int = 100, generator: torch.Generator | None = None,
                       ode_options: dict | None = None, dtype=torch.float32, device="cpu") -> ProbabilityEstimate:
     """P(E) under a denoiser from shape[-2] guided samples per model (shape (..., n, k)).
 
-    Samples are drawn with `guidance` by `sampler`, then both densities are evaluated by
-    the probability-flow ODE (`ode_options` override ODE_OPTIONS).
+    sampler "flow" (default) draws the samples with the guided probability-flow ODE itself
+    and takes log q from that solve (`flow_log_ratios`); any sampler of diffusion.samplers
+    instead draws them with `steps` steps, and both densities are then evaluated by the ODE
+    (log q is then the ODE's density, not exactly the sampler's). `ode_options` override
+    ODE_OPTIONS.
     """
     event = as_event(event)
     if len(shape) < 2 or shape[-2] < 2:
@@ -153,6 +172,9 @@ def event_probability(denoiser, schedule: Schedule, event: Event, shape, *, guid
     eps_fn = as_eps_fn(denoiser, prediction)
     guided = guided_eps_fn(eps_fn, event, guidance, guidance_options)
     noise = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+    if sampler == "flow":
+        _, ratio, inside = flow_log_ratios(eps_fn, guided, noise, schedule, event, ode_options)
+        return estimate_from_log_ratios(ratio, inside, estimator)
     with torch.no_grad():
         x = samplers.sample(sampler, guided, noise, schedule, steps, generator=generator)
         inside = event.indicator(x)
