@@ -140,3 +140,26 @@ def test_window_denoiser_starts_as_the_exact_gaussian_denoiser(architecture):
         x0_gauss, c_out, f = net.x0_and_target_scale(z, log_snr.expand(5))
         torch.testing.assert_close(alpha * x0_gauss + sigma * expected, z, atol=1e-5, rtol=1e-5)
         assert (f == 0).all() and (c_out > 0).all()
+
+
+def test_events_command_writes_the_table_and_histogram(tmp_path, monkeypatch):
+    # The plumbing of `densiformer events` on a model trained for a few steps (the
+    # statistics need the full run: benchmarks/bench_events.py); the simulator's event rate
+    # from 20,000 windows must still be the paper's 9.7%.
+    import json
+
+    from densiformer.guidance.cli import run
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    result = run("lorenz63", out=tmp_path / "out", num_samples=8, smc_particles=16, truth_windows=20_000,
+                 progress=False, denoiser={"steps": 10, "train_windows": 2000, "width": 8, "layers": 2})
+    assert abs(result["p_true"] - 0.0967) < 4 * result["p_true_se"] + 1e-3
+    methods = [r["method"] for r in result["rows"]]
+    assert methods == ["unguided", "moment", "moment (std stopped)", "dps", "interval", "moment + SMC"]
+    smc = result["rows"][-1]
+    assert smc["particles"] == 16 and 1 <= smc["distinct"] <= 16 and smc["p_estimator"] == "SMC"
+    saved = json.loads((tmp_path / "out" / "events_lorenz63.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    assert (tmp_path / "out" / "events_lorenz63.png").stat().st_size > 10_000
+    # the weights are cached under XDG_CACHE_HOME and reloaded, not retrained
+    assert list((tmp_path / "cache" / "densiformer" / "window_denoiser").iterdir())

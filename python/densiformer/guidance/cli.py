@@ -84,8 +84,11 @@ def simulator_truth(system: System, n: int, seed: int, progress: bool) -> np.nda
 
 
 def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_particles=1000, smc_methods=("moment",),
-        prob_samples=0, truth_windows=1_000_000, seed=0, retrain=False, progress=True) -> dict:
-    """Sample the system's event with every method and compare with the simulator; returns the table."""
+        prob_samples=0, truth_windows=1_000_000, seed=0, retrain=False, progress=True, denoiser=None) -> dict:
+    """Sample the system's event with every method and compare with the simulator; returns the table.
+
+    denoiser: WindowConfig fields that override the system's (a smaller model for tests).
+    """
     from scipy import stats
 
     from ..model.window_denoiser import WindowConfig, load_or_train
@@ -96,8 +99,8 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
     torch.manual_seed(seed)
     system = _system(system_name, threshold)
     started = time.perf_counter()
-    model = load_or_train(WindowConfig(system.name, system.module.DIM, **system.denoiser), system.module.simulate,
-                          retrain=retrain, progress=progress)
+    config = WindowConfig(system.name, system.module.DIM, **{**system.denoiser, **(denoiser or {})})
+    model = load_or_train(config, system.module.simulate, retrain=retrain, progress=progress)
     trained = time.perf_counter() - started
     truth_values = simulator_truth(system, truth_windows, seed + 7, progress)
     truth_c = constraint(system, truth_values)
@@ -198,20 +201,27 @@ def format_table(result: dict) -> str:
 
 
 def plot_histograms(histograms: dict, true_conditional: np.ndarray, path: Path, system: System):
+    """C(x) of each method's samples in the event against the simulator's conditional:
+    plain guidance on the left, inside the twisted SMC sampler on the right."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 4.2))
+    fig = Figure(figsize=(11, 4.2))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
     bins = np.linspace(0, np.quantile(true_conditional, 0.995), 40)
-    ax.hist(true_conditional, bins=bins, density=True, color="0.75", label="simulator, in event")
-    for label, c in histograms.items():
-        ax.hist(c, bins=bins, density=True, histtype="step", linewidth=1.4, label=label)
-    ax.set_xlabel("C(x)")
-    ax.set_ylabel("density")
-    ax.set_title(f"{system.name}: C(x) of guided samples vs true conditional")
-    ax.legend(fontsize=8)
+    panels = (("plain guidance", lambda label: "SMC" not in label), ("twisted SMC", lambda label: "SMC" in label))
+    for i, (title, keep) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.hist(true_conditional, bins=bins, density=True, color="0.75", label="simulator, in event")
+        for label, c in histograms.items():
+            inside = c[(c > 0) & (c <= bins[-1])]
+            if keep(label) and len(inside) > 1:  # the samples in the event, as in the KS column
+                ax.hist(inside, bins=bins, density=True, histtype="step", linewidth=1.4,
+                        label=f"{label} ({(c > 0).mean():.0%} in E)")
+        ax.set_xlabel("C(x)  (> 0: in the event)")
+        ax.set_ylabel("density")
+        ax.set_title(f"{system.name}: {title}")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
