@@ -122,7 +122,10 @@ def test_window_denoiser_starts_as_the_exact_gaussian_denoiser(architecture):
     from densiformer.model.window_denoiser import WindowConfig, build_denoiser
 
     gen = torch.Generator().manual_seed(0)
-    mix = torch.randn(12, 12, generator=gen) / 3 if architecture == "conv" else torch.diag(torch.rand(12, generator=gen) + 0.05)
+    if architecture == "conv":
+        mix = torch.randn(12, 12, generator=gen) / 3
+    else:
+        mix = torch.diag(torch.rand(12, generator=gen) + 0.05)
     data = torch.randn(4000, 12, generator=gen) @ mix.T + torch.randn(12, generator=gen)
     net = build_denoiser(WindowConfig("test", 12, width=16, layers=2, architecture=architecture, length=4))
     net.set_data_moments(data)

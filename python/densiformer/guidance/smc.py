@@ -135,8 +135,9 @@ def _resample(log_z, log_w, tensors, generator):
     w = torch.where(finite, (log_w - torch.where(finite, top, 0)).exp(), 1.0)  # a dead system stays as it is
     log_z = log_z + torch.where(finite[..., 0], top[..., 0] + torch.log(w.mean(-1)), -math.inf)
     cdf = torch.cumsum(w / w.sum(-1, keepdim=True), -1)
-    u = (torch.rand((*log_w.shape[:-1], 1), generator=generator, dtype=cdf.dtype) + torch.arange(n, dtype=cdf.dtype)) / n
-    index = torch.searchsorted(cdf.contiguous(), u.to(cdf.device).contiguous()).clamp(max=n - 1)
+    offset = torch.rand((*log_w.shape[:-1], 1), generator=generator, dtype=cdf.dtype, device=cdf.device)
+    u = (offset + torch.arange(n, dtype=cdf.dtype, device=cdf.device)) / n
+    index = torch.searchsorted(cdf.contiguous(), u.contiguous()).clamp(max=n - 1)
     out = []
     for t in tensors:
         if t.dim() == index.dim():

@@ -147,30 +147,46 @@ class WindowDenoiser(nn.Module):
 
 
 class ConvWindowDenoiser(nn.Module):
+    """eps_hat(z, log_snr) on standardised windows z (..., length * channels), time-major.
+
+    With the training windows' mean mu and covariance U diag(lam) U^T (stored as buffers),
+    alpha, sigma at log_snr and total = alpha^2 lam + sigma^2 per eigen-direction:
+
+        x0_hat = x0_gauss + c_out * F(c_in (z - alpha mu), x0_gauss, log_snr),
+        x0_gauss = mu + U diag(alpha lam / total) U^T (z - alpha mu),
+        c_out = sigma * sqrt(mean(lam / total)),  c_in = mean(total)^-1/2,
+
+    where x0_gauss is the exact posterior mean of N(mu, U lam U^T) and the scalar c_out
+    is its posterior's average standard deviation; F's output convolution starts at zero.
+    """
+
     def __init__(self, length, channels, width, blocks, time_features=32):
         super().__init__()
         dim = length * channels
         self.length, self.channels = length, channels
-        self.register_buffer("frequencies", math.pi * torch.logspace(0, math.log10(64), time_features // 2), persistent=False)
+        self.register_buffer("frequencies", math.pi * torch.logspace(0, math.log10(64), time_features // 2),
+                             persistent=False)
         self.register_buffer("data_mean", torch.zeros(dim))
         self.register_buffer("eigvec", torch.eye(dim))
         self.register_buffer("eigval", torch.ones(dim))
         self.time_mlp = nn.Sequential(nn.Linear(time_features, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU())
         self.stem = nn.Conv1d(2 * channels, width, 3, padding=1)
-        dil = [2 ** (i % 4) for i in range(blocks)]
-        self.norm1 = nn.ModuleList(nn.GroupNorm(8, width) for _ in dil)
-        self.conv1 = nn.ModuleList(nn.Conv1d(width, width, 3, padding=d, dilation=d) for d in dil)
-        self.norm2 = nn.ModuleList(nn.GroupNorm(8, width) for _ in dil)
-        self.film = nn.ModuleList(nn.Linear(width, 2 * width) for _ in dil)
-        self.conv2 = nn.ModuleList(nn.Conv1d(width, width, 3, padding=d, dilation=d) for d in dil)
+        dilations = [2 ** (i % 4) for i in range(blocks)]
+        self.norm1 = nn.ModuleList(nn.GroupNorm(8, width) for _ in dilations)
+        self.conv1 = nn.ModuleList(nn.Conv1d(width, width, 3, padding=d, dilation=d) for d in dilations)
+        self.norm2 = nn.ModuleList(nn.GroupNorm(8, width) for _ in dilations)
+        self.film = nn.ModuleList(nn.Linear(width, 2 * width) for _ in dilations)
+        self.conv2 = nn.ModuleList(nn.Conv1d(width, width, 3, padding=d, dilation=d) for d in dilations)
         self.out_norm = nn.GroupNorm(8, width)
         self.out = nn.Conv1d(width, channels, 3, padding=1)
-        nn.init.zeros_(self.out.weight); nn.init.zeros_(self.out.bias)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
 
     def set_data_moments(self, z):
         self.data_mean.copy_(z.mean(0))
         val, vec = torch.linalg.eigh(torch.cov(z.T.double()))
-        self.eigval.copy_(val.clamp_min(0).float()); self.eigvec.copy_(vec.float())
+        self.eigval.copy_(val.clamp_min(0).float())
+        self.eigvec.copy_(vec.float())
 
     def to_time(self, v):
         return v.reshape(*v.shape[:-1], self.length, self.channels).transpose(-1, -2)
@@ -181,7 +197,8 @@ class ConvWindowDenoiser(nn.Module):
         log_snr = log_snr.to(u.dtype).expand(batch).reshape(-1)
         angles = (log_snr / LOG_SNR_RANGE)[..., None] * self.frequencies.to(u.dtype)
         emb = self.time_mlp(torch.cat([angles.sin(), angles.cos()], -1))
-        h = self.stem(torch.cat([self.to_time(u.reshape(-1, u.shape[-1])), self.to_time(x0g.reshape(-1, u.shape[-1]))], -2))
+        flat = (-1, u.shape[-1])
+        h = self.stem(torch.cat([self.to_time(u.reshape(flat)), self.to_time(x0g.reshape(flat))], -2))
         for norm1, conv1, norm2, film, conv2 in zip(self.norm1, self.conv1, self.norm2, self.film, self.conv2):
             scale, shift = film(emb)[..., None].chunk(2, -2)
             r = conv1(F.silu(norm1(h)))
@@ -189,27 +206,26 @@ class ConvWindowDenoiser(nn.Module):
         out = self.out(F.silu(self.out_norm(h)))
         return out.transpose(-1, -2).reshape(u.shape)
 
-    def _pieces(self, z, log_snr):
+    def _parts(self, z, log_snr):
+        """(alpha, sigma, lam, total, U, coords, x0_gauss, F): everything x0_hat and eps need."""
         alpha, sigma = alpha_sigma(log_snr.to(z.dtype))
         alpha, sigma = alpha[..., None], sigma[..., None]
         lam, U = self.eigval.to(z.dtype), self.eigvec.to(z.dtype)
         total = alpha**2 * lam + sigma**2
         centred = z - alpha * self.data_mean.to(z.dtype)
         coords = centred @ U
-        return alpha, sigma, lam, U, total, centred, coords
+        x0_gauss = self.data_mean.to(z.dtype) + (coords * alpha * lam / total) @ U.T
+        f = self.network(centred * total.mean(-1, keepdim=True).rsqrt(), x0_gauss, log_snr)
+        return alpha, sigma, lam, total, U, coords, x0_gauss, f
 
     def x0_and_target_scale(self, z, log_snr):
-        alpha, sigma, lam, U, total, centred, coords = self._pieces(z, log_snr)
-        x0g = self.data_mean.to(z.dtype) + (coords * alpha * lam / total) @ U.T
-        c_in = total.mean(-1, keepdim=True).rsqrt()
-        c_out = sigma * (lam / total).mean(-1, keepdim=True).sqrt()
-        return x0g, c_out, self.network(centred * c_in, x0g, log_snr)
+        """(x0_gauss, c_out, F): the pieces of x0_hat = x0_gauss + c_out F (training)."""
+        alpha, sigma, lam, total, U, coords, x0_gauss, f = self._parts(z, log_snr)
+        return x0_gauss, sigma * (lam / total).mean(-1, keepdim=True).sqrt(), f
 
     def forward(self, z, log_snr):
-        alpha, sigma, lam, U, total, centred, coords = self._pieces(z, log_snr)
-        x0g = self.data_mean.to(z.dtype) + (coords * alpha * lam / total) @ U.T
-        c_in = total.mean(-1, keepdim=True).rsqrt()
-        f = self.network(centred * c_in, x0g, log_snr)
+        # eps = (z - alpha x0_hat) / sigma, written without dividing by sigma.
+        alpha, sigma, lam, total, U, coords, x0_gauss, f = self._parts(z, log_snr)
         return (coords * sigma / total) @ U.T - alpha * (lam / total).mean(-1, keepdim=True).sqrt() * f
 
 
