@@ -71,6 +71,10 @@ def sample_twisted(denoiser, schedule: Schedule, event: Event, shape, *, guidanc
         # The denoiser sees the caller's (..., n, k) layout (it may broadcast a per-row condition).
         eps_g, eps_u, twist = guided_terms(x.reshape(shape), log_snr)
         return eps_g.reshape(grouped), eps_u.reshape(grouped), twist.reshape(grouped[:-1])
+
+    def coefficients(lam):
+        return (float(c) for c in alpha_sigma(torch.tensor(lam, dtype=torch.float64)))
+
     x = torch.randn(grouped, generator=generator, dtype=dtype, device=device)
     lams = log_snr_grid(schedule, steps, "time").tolist()
     origin = torch.arange(n // groups, device=device).expand(grouped[:-1]).clone()
@@ -79,21 +83,12 @@ def sample_twisted(denoiser, schedule: Schedule, event: Event, shape, *, guidanc
 
     eps_g, eps_u, twist = terms(x, torch.tensor(lams[0], dtype=dtype, device=device))
     log_w = twist.double()  # the initial particles come from the prior itself
-    for i in range(steps):
-        alpha_t, sigma_t = (float(c) for c in alpha_sigma(torch.tensor(lams[i], dtype=torch.float64)))
-        if i + 1 < steps:  # the last step returns x0_hat; see below
-            alpha_s, sigma_s = (float(c) for c in alpha_sigma(torch.tensor(lams[i + 1], dtype=torch.float64)))
-        if i + 1 == steps:
-            # The unguided chain's own last step. The guided one would be no proposal: at the
-            # data end the guided Tweedie mean moves every x_1 onto the event's boundary.
-            x = (x - sigma_t * eps_u) / alpha_t
-            log_w = log_w + torch.where(event.indicator(x), -twist.double(), -math.inf)
-            break
-        x0_g = (x - sigma_t * eps_g) / alpha_t
+    for i in range(steps - 1):
         # The DDPM posterior step (diffusion.samplers.sample_ddpm), guided and unguided means.
+        (alpha_t, sigma_t), (alpha_s, sigma_s) = coefficients(lams[i]), coefficients(lams[i + 1])
         r = math.exp(lams[i] - lams[i + 1])
         one_minus_r = -math.expm1(lams[i] - lams[i + 1])
-        mean_g = alpha_s * (r / alpha_t * x + one_minus_r * x0_g)
+        mean_g = alpha_s * (r / alpha_t * x + one_minus_r * (x - sigma_t * eps_g) / alpha_t)
         shift = alpha_s * one_minus_r * sigma_t / alpha_t * (eps_g - eps_u)  # mean_u - mean_g
         std = sigma_s * math.sqrt(one_minus_r)
         noise = torch.randn(x.shape, generator=generator, dtype=dtype, device=device)
@@ -110,6 +105,11 @@ def sample_twisted(denoiser, schedule: Schedule, event: Event, shape, *, guidanc
             log_z, log_w, (x, eps_g, eps_u, twist, origin) = _resample(log_z, log_w, (x, eps_g, eps_u, twist, origin),
                                                                        generator)
             resamplings += 1
+    # The last step is the unguided chain's own denoising. The guided one would be no
+    # proposal: at the data end the guided Tweedie mean moves every x_1 onto the boundary.
+    alpha_t, sigma_t = coefficients(lams[steps - 1])
+    x = (x - sigma_t * eps_u) / alpha_t
+    log_w = log_w + torch.where(event.indicator(x), -twist.double(), -math.inf)
     log_z, log_w, (x, origin) = _resample(log_z, log_w, (x, origin), generator)
     p_groups = log_z.exp()
     p = p_groups.mean(-1)
