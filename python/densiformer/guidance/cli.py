@@ -187,15 +187,15 @@ def format_table(result: dict) -> str:
     lines = [f"{result['system']}: P(E) true = {result['p_true']:.4g} +- {result['p_true_se']:.2g} "
              f"({result['truth_windows']} simulated windows); {result['num_samples']} samples per plain method, "
              f"{result['smc_particles']} particles per SMC run",
-             f"{'method':<24}{'satisfied':>10}{'KS':>7}{'P(E)':>20} {'(how)':<12}{'P(E) importance':>20}"
+             f"{'method':<24}{'satisfied':>10}{'KS':>7}{'P(E)':>24} {'(how)':<12}{'P(E) importance':>24}"
              f"{'distinct':>9}{'ms/sample':>11}{'x unguided':>11}"]
     for r in result["rows"]:
         imp = f"{r['p_importance']:.4g} +- {r['p_importance_se']:.2g}" if "p_importance" in r else "-"
         p = f"{r['p']:.4g} +- {r['p_se']:.2g}" if np.isfinite(r["p"]) else "-"
         distinct = f"{r['distinct']}" if "distinct" in r else "-"
         name = "unguided" if r["method"] == "unguided" else r["method"]
-        lines.append(f"{name:<24}{r['satisfied']:>10.3f}{r['ks']:>7.3f}{p:>20} {r.get('p_estimator', ''):<12}"
-                     f"{imp:>20}{distinct:>9}{r['ms_per_sample']:>11.2f}{r['time_vs_unguided']:>11.1f}")
+        lines.append(f"{name:<24}{r['satisfied']:>10.3f}{r['ks']:>7.3f}{p:>24} {r.get('p_estimator', ''):<12}"
+                     f"{imp:>24}{distinct:>9}{r['ms_per_sample']:>11.2f}{r['time_vs_unguided']:>11.1f}")
     lines.append("KS: C(x) of the samples in the event against the simulator's conditional (unguided: its own "
                  "samples in the event); distinct: SMC particles with different ancestors at the start.")
     return "\n".join(lines)
