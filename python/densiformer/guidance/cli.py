@@ -117,8 +117,8 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
     def satisfied_and_ks(z):
         c = constraint(system, system.fn(model.to_physical(z))).numpy()
         ok = c > 0
-        ks = stats.ks_2samp(c[ok], true_conditional).statistic if ok.sum() > 1 else 1.0
-        return c, float(ok.mean()), float(ks)
+        ks = float(stats.ks_2samp(c[ok], true_conditional).statistic) if ok.sum() > 1 else None  # too few in E
+        return c, float(ok.mean()), ks
 
     def draw(guidance, options, n):
         t0 = time.perf_counter()
@@ -194,7 +194,8 @@ def format_table(result: dict) -> str:
         p = f"{r['p']:.4g} +- {r['p_se']:.2g}" if np.isfinite(r["p"]) else "-"
         distinct = f"{r['distinct']}" if "distinct" in r else "-"
         name = "unguided" if r["method"] == "unguided" else r["method"]
-        lines.append(f"{name:<24}{r['satisfied']:>10.3f}{r['ks']:>7.3f}{p:>24} {r.get('p_estimator', ''):<12}"
+        ks = "-" if r["ks"] is None else f"{r['ks']:.3f}"
+        lines.append(f"{name:<24}{r['satisfied']:>10.3f}{ks:>7}{p:>24} {r.get('p_estimator', ''):<12}"
                      f"{imp:>24}{distinct:>9}{r['ms_per_sample']:>11.2f}{r['time_vs_unguided']:>11.1f}")
     lines.append("KS: C(x) of the samples in the event against the simulator's conditional (unguided: its own "
                  "samples in the event); distinct: SMC particles with different ancestors at the start.")
