@@ -20,7 +20,6 @@ METHODS = (("moment", {}), ("moment", {"std_grad": False}), ("dps", {}), ("inter
 # Inside the twisted sampler, moment runs without the gradient through the std: the SMC
 # weights correct the proposal either way, and it is 4x cheaper.
 SMC_OPTIONS = {"moment": {"std_grad": False}, "dps": {}, "interval": {}}
-SMC_GROUPS = 4
 # The probability-flow P(E) in 180-240 dimensions: fixed-step RK4 (the adaptive solver's
 # shared step size collapses on the stiffest sample of the guided field).
 ODE_FIXED = {"method": "fixed", "steps": 24}
@@ -156,7 +155,7 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
     for guidance in smc_methods if smc_particles else ():
         t0 = time.perf_counter()
         result = sample_twisted(denoiser, schedule, event_z, (smc_particles, k), guidance=guidance,
-                                guidance_options=SMC_OPTIONS[guidance], groups=SMC_GROUPS, generator=generator)
+                                guidance_options=SMC_OPTIONS[guidance], generator=generator)
         seconds = (time.perf_counter() - t0) / smc_particles
         label = f"{guidance} + SMC"
         histograms[label], satisfied, ks = satisfied_and_ks(result.x)
@@ -259,8 +258,10 @@ def cmd_events(args) -> int:
         raise ValueError(f"{args.system} has the event {expected!r}, not {args.event!r}")
     if args.num_samples < 2 or not (args.prob_samples == 0 or 2 <= args.prob_samples <= args.num_samples):
         raise ValueError("need --num-samples >= --prob-samples >= 2, or --prob-samples 0")
-    if args.smc_particles and (args.smc_particles < 2 * SMC_GROUPS or args.smc_particles % SMC_GROUPS):
-        raise ValueError(f"--smc-particles must be 0 or a multiple of {SMC_GROUPS} of at least {2 * SMC_GROUPS}")
+    from .smc import GROUPS
+
+    if args.smc_particles and (args.smc_particles < 2 * GROUPS or args.smc_particles % GROUPS):
+        raise ValueError(f"--smc-particles must be 0 or a multiple of {GROUPS} of at least {2 * GROUPS}")
     smc_methods = tuple(m.strip() for m in args.smc_guidance.split(",") if m.strip())
     unknown = set(smc_methods) - set(SMC_OPTIONS)
     if unknown:

@@ -14,12 +14,12 @@ from ..diffusion import samplers
 from .events import as_event
 from .probability import ESTIMATORS, binomial_estimate, estimate_from_log_ratios, log_ratios
 from .scores import check_guidance, guided_eps_fn
+from .smc import GROUPS as SMC_GROUPS
 from .smc import sample_twisted
 
 # Guided sampling runs the generic (unfused) loop: the stochastic DDPM sampler on the
 # paper's 120-step schedule, whose noise corrects the guidance's approximations.
 GUIDED_SAMPLER, GUIDED_STEPS = "ddpm", 120
-SMC_GROUPS = 4  # independent particle systems per row for the "smc" estimator's standard error
 
 
 def normalized_event(est, event, request):
@@ -117,21 +117,20 @@ def event_probability(est, values, request, event, num_samples, guidance, option
             cond = est._condition(values[start:start + rows_per_batch], request_idx)
             if estimator == "monte_carlo":
                 _, _, z = _draw(est, cond, request_idx, num_samples, event_z, None, None, sampler, steps, seed, start)
-                result = binomial_estimate(event_z.indicator(z))
+                fields = binomial_estimate(event_z.indicator(z))[:4]
             elif estimator == "smc":
                 r = _twisted(est, cond, request_idx, num_samples, event_z, guidance, options, steps, seed, start,
                              SMC_GROUPS)
-                result = r.p, r.p_se, r.p.log(), r.p_se / r.p
+                fields = r.p, r.p_se, r.p.log(), r.p_se / r.p
             else:
                 eps_fn, guided, z = _draw(est, cond, request_idx, num_samples, event_z, guidance, options,
                                           sampler, steps, seed, start)
                 with torch.no_grad():
                     inside = event_z.indicator(z)
                 ratio = log_ratios(eps_fn, guided, z, est.schedule, inside, ode_options)
-                result = estimate_from_log_ratios(ratio, inside, estimator)
-            if estimator != "smc":
-                result = result.p, result.p_se, result.log_p, result.log_p_se
-            for i, field in enumerate(result):
+                # ProbabilityEstimate's first fields: p, p_se, log_p, log_p_se
+                fields = estimate_from_log_ratios(ratio, inside, estimator)[:4]
+            for i, field in enumerate(fields):
                 out[i, start:start + len(cond)] = field.detach().cpu().numpy()
             bar.update(len(cond))
     return out

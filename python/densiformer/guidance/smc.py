@@ -35,6 +35,10 @@ from ..diffusion.schedules import Schedule, alpha_sigma
 from .events import Event, as_event
 from .scores import as_eps_fn, guidance_terms
 
+# Independent particle systems per batch entry by default: the spread of their P(E)
+# estimates is the standard error.
+GROUPS = 4
+
 
 class TwistedSample(NamedTuple):
     """What `sample_twisted` returns; the probabilities have the batch shape (...)."""
@@ -49,7 +53,7 @@ class TwistedSample(NamedTuple):
 
 def sample_twisted(denoiser, schedule: Schedule, event: Event, shape, *, guidance: str = "moment",
                    guidance_options: dict | None = None, prediction: str = "eps", steps: int = 100,
-                   groups: int = 4, ess_fraction: float = 0.5, generator: torch.Generator | None = None,
+                   groups: int = GROUPS, ess_fraction: float = 0.5, generator: torch.Generator | None = None,
                    dtype=torch.float32, device="cpu") -> TwistedSample:
     """Draw shape (..., n, k) samples of p(x | E) by twisted SMC on the DDPM sampler.
 

@@ -305,7 +305,7 @@ def load_or_train(config: WindowConfig, simulate, *, retrain: bool = False, prog
     return WindowModel(config, denoiser, mean, basis, seconds)
 
 
-def train(config: WindowConfig, z: torch.Tensor, progress: bool = True) -> WindowDenoiser:
+def train(config: WindowConfig, z: torch.Tensor, progress: bool = True) -> nn.Module:
     """Train on standardised windows z (n, dim) for config.steps steps; returns the EMA model."""
     from tqdm.auto import tqdm
 
