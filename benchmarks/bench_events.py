@@ -1,7 +1,8 @@
 """Event-conditioned sampling of dynamical-system windows against simulator truth.
 
     python benchmarks/bench_events.py [--systems lorenz63,fitzhugh-nagumo] [--num-samples N]
-        [--smc-particles N] [--smc-guidance moment,dps,interval] [--prob-samples N] [--out results.json]
+        [--smc-particles N] [--smc-guidance moment,dps,interval] [--prob-samples N] [--width W]
+        [--threshold T] [--out results.json]
 
 For each system: trains (or loads from the cache) the window denoiser, then for every
 guidance method ("moment" with and without the gradient through the std, "dps",
@@ -32,9 +33,15 @@ def main():
     parser.add_argument("--smc-guidance", default="moment,dps,interval")
     parser.add_argument("--prob-samples", type=int, default=0)
     parser.add_argument("--truth-windows", type=int, default=1_000_000)
+    parser.add_argument("--width", type=int, default=None, help="denoiser width (default: the CLI's, 32)")
+    parser.add_argument("--threshold", type=float, default=None, help="event threshold (default: the system's)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    results = {name: run(name, out=RESULTS / "events", num_samples=args.num_samples,
+    denoiser = {} if args.width is None else {"width": args.width}
+    # Runs off the defaults get their own folder, e.g. results/events/width64_threshold0.25.
+    tag = "_".join(f"{k}{v}" for k, v in (("width", args.width), ("threshold", args.threshold)) if v is not None)
+    results = {name: run(name, out=RESULTS / "events" / tag,
+                         threshold=args.threshold, denoiser=denoiser, num_samples=args.num_samples,
                          smc_particles=args.smc_particles, smc_methods=tuple(args.smc_guidance.split(",")),
                          prob_samples=args.prob_samples, truth_windows=args.truth_windows)
                for name in args.systems.split(",")}

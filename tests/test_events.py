@@ -166,3 +166,18 @@ def test_events_command_writes_the_table_and_histogram(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "events_lorenz63.png").stat().st_size > 10_000
     # the weights are cached under XDG_CACHE_HOME and reloaded, not retrained
     assert list((tmp_path / "cache" / "densiformer" / "window_denoiser").iterdir())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--smc-particles", "6"], "multiple of 4"),
+    (["--smc-guidance", "moment,magic"], "unknown method"),
+    (["--width", "12"], "multiple of 8"),
+    (["--train-steps", "0"], "--train-steps positive"),
+    (["--num-samples", "1"], "--num-samples"),
+    (["--event", "spike"], "has the event 'low-energy'"),
+])
+def test_events_command_rejects_bad_options_before_any_work(flags, message, capsys):
+    from densiformer.cli import main
+
+    assert main(["events", "lorenz63", *flags]) == 2
+    assert message in capsys.readouterr().err

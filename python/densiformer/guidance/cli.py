@@ -246,6 +246,10 @@ def add_events_parser(subparsers):
                    help="guided samples per probability-flow P(E) estimate (default 0: skip it; slow in 180+ "
                         "dimensions)")
     p.add_argument("--truth-windows", type=int, default=1_000_000)
+    p.add_argument("--width", type=int, default=None,
+                   help="channels of the convolutional denoiser (default 32; 64 matches the simulator's tails "
+                        "better at about twice the training and sampling time, see benchmarks/results/events)")
+    p.add_argument("--train-steps", type=int, default=None, help="training steps of the denoiser (default 3000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--retrain", action="store_true", help="train the denoiser again, ignoring the cache")
     p.set_defaults(func=cmd_events)
@@ -266,7 +270,11 @@ def cmd_events(args) -> int:
     unknown = set(smc_methods) - set(SMC_OPTIONS)
     if unknown:
         raise ValueError(f"--smc-guidance: unknown method(s) {sorted(unknown)}; choose from {sorted(SMC_OPTIONS)}")
+    if (args.width is not None and (args.width < 8 or args.width % 8)) or \
+            (args.train_steps is not None and args.train_steps < 1):
+        raise ValueError("--width must be a positive multiple of 8 (GroupNorm's 8 groups), --train-steps positive")
+    denoiser = {key: value for key, value in (("width", args.width), ("steps", args.train_steps)) if value is not None}
     run(args.system, threshold=args.threshold, out=args.out, num_samples=args.num_samples,
         smc_particles=args.smc_particles, smc_methods=smc_methods, prob_samples=args.prob_samples,
-        truth_windows=args.truth_windows, seed=args.seed, retrain=args.retrain)
+        truth_windows=args.truth_windows, seed=args.seed, retrain=args.retrain, denoiser=denoiser)
     return 0

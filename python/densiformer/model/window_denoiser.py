@@ -251,13 +251,6 @@ class WindowModel:
     def to_physical(self, z: torch.Tensor) -> torch.Tensor:
         return self.mean.to(z) + z @ self.basis.to(z).T
 
-    def to_normalized(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.solve(self.basis.to(x), (x - self.mean.to(x)).T).T
-
-    def log_abs_det(self) -> float:
-        """log |dz/dx|: add to a density of z to get the density of x."""
-        return float(-torch.linalg.slogdet(self.basis.double())[1])
-
 
 def cache_dir() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
