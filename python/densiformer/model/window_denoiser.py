@@ -34,7 +34,8 @@ steps. Its width sets the tail (4,000 samples, same seed; simulator P(energy < 0
 |---|---|---|---|---|---|---|
 | 32 (`densiformer events` default) | 7.5 min | 0.029 | 0.089 | 0.0145 | 0.0035 | 0.110 |
 | 64 (`--width 64`, the benchmark) | 18 min | 0.012 | 0.088 | 0.0217 | 0.0055 | 0.053 |
- (History: a plain v-predicting MLP had collapsed the leading PCA modes to 0.46 of
+
+(History: a plain v-predicting MLP had collapsed the leading PCA modes to 0.46 of
 their std; the Gaussian skip fixed the second moments, not the shape.)
 
 Trained weights are cached under $XDG_CACHE_HOME/densiformer/window_denoiser/<key>/
