@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "aligned_buffer.h"
+#include "packed_head.h"
 #include "philox.h"
 
 #ifdef _OPENMP
@@ -47,44 +48,14 @@ namespace {
 constexpr int kTileRows = 96;
 constexpr int kMR = 6;         // rows of the register micro-tile
 
-// Read-only state shared by all threads: weights re-laid out for the vector path.
-// Widths are padded to Wp, a multiple of the panel width P, with zero weights and
-// biases, so padded activations stay exactly zero and no loop needs a remainder.
-struct Plan {
+// Read-only state shared by all threads: the weights packed for the vector path.
+struct Plan : PackedHead {
   const HeadSampleLoopArgs* a;
-  int Wp;
-  int P;
-  FloatBuffer w_in_t;    // (K, Wp): column k of w_in
-  FloatBuffer base;      // (steps, Wp): b_in + time_emb[step]
-  FloatBuffer w_hidden;  // (L - 1) x (Wp / P) panels of (W, P): panel[i][jj] = w[jp + jj][i]
-  FloatBuffer b_hidden;  // (L - 1, Wp)
-  FloatBuffer w_out;     // (K, Wp)
 
-  Plan(const HeadSampleLoopArgs& args, int panel) : a(&args), P(panel) {
-    const int K = args.K, W = args.W, H = args.L - 1;
-    Wp = (W + P - 1) / P * P;
-    w_in_t = zeros(size_t(K) * Wp);
-    w_out = zeros(size_t(K) * Wp);
-    for (int k = 0; k < K; ++k)
-      for (int j = 0; j < W; ++j) {
-        w_in_t[size_t(k) * Wp + j] = args.w_in[size_t(j) * K + k];
-        w_out[size_t(k) * Wp + j] = args.w_out[size_t(k) * W + j];
-      }
-    base = zeros(size_t(args.steps) * Wp);
-    for (int s = 0; s < args.steps; ++s)
-      for (int j = 0; j < W; ++j) base[size_t(s) * Wp + j] = args.b_in[j] + args.time_emb[size_t(s) * W + j];
-    w_hidden = zeros(size_t(H) * Wp * W);
-    b_hidden = zeros(size_t(H) * Wp);
-    for (int l = 0; l < H; ++l) {
-      const float* w = args.w_hidden + size_t(l) * W * W;
-      float* packed = w_hidden.get() + size_t(l) * Wp * W;
-      for (int jp = 0; jp < W; jp += P)
-        for (int i = 0; i < W; ++i)
-          for (int jj = 0; jj < P && jp + jj < W; ++jj)
-            packed[size_t(jp) * W + size_t(i) * P + jj] = w[size_t(jp + jj) * W + i];
-      for (int j = 0; j < W; ++j) b_hidden[size_t(l) * Wp + j] = args.b_hidden[size_t(l) * W + j];
-    }
-  }
+  Plan(const HeadSampleLoopArgs& args, int panel)
+      : PackedHead(args.K, args.W, args.L, /*nodes=*/args.steps, panel, args.w_in, args.b_in, args.time_emb,
+                   args.w_hidden, args.b_hidden, args.w_out),
+        a(&args) {}
 };
 
 // One thread's tile state.
