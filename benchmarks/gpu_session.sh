@@ -6,6 +6,9 @@
 #   sanitize  compute-sanitizer memcheck on small runs of both kernels, racecheck on the head loop
 #   bench     benchmarks/bench_head_loop.py --device cuda (cuda, cuda_bf16, triton, torch eager),
 #             then torch.compile(max-autotune) against cuda; benchmarks/bench_attention.py if present
+#   events    (issue #7, not in the default list) the Lorenz-63 event benchmark with a width-64
+#             denoiser trained 10x longer on the GPU, at the paper's threshold and two rarer ones;
+#             brings back the tables, the histograms and the trained weights (cache/)
 #
 #   bash benchmarks/gpu_session.sh [STAGE ...]      (default: build test sanitize bench)
 #
@@ -83,11 +86,26 @@ stage_bench() {
   fi
 }
 
+stage_events() {
+  # The CUDA test of the window denoiser first, then the runs; the weights land in
+  # $OUT_DIR/cache (copy to ~/.cache/densiformer to evaluate them anywhere).
+  export XDG_CACHE_HOME="$OUT_DIR/cache"
+  step test_events 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_events.py -k cuda
+  step events_lorenz63 300 "$PY" benchmarks/bench_events.py --systems lorenz63 --width 64 --train-steps 30000 \
+    --device cuda --out "$OUT_DIR/events_lorenz63.json"
+  for threshold in 0.25 0.12; do
+    step "events_lorenz63_$threshold" 60 "$PY" benchmarks/bench_events.py --systems lorenz63 --width 64 \
+      --train-steps 30000 --threshold "$threshold" --num-samples 50 --smc-guidance moment --device cuda \
+      --out "$OUT_DIR/events_lorenz63_$threshold.json"
+  done
+  cp -r benchmarks/results/events/width64_steps30000* "$OUT_DIR/" 2>/dev/null || true
+}
+
 for stage in "${@:-build test sanitize bench}"; do
   for s in $stage; do
     case "$s" in
-      build | test | sanitize | bench) "stage_$s" || true ;;
-      *) echo "unknown stage $s (build, test, sanitize, bench)" >&2; exit 2 ;;
+      build | test | sanitize | bench | events) "stage_$s" || true ;;
+      *) echo "unknown stage $s (build, test, sanitize, bench, events)" >&2; exit 2 ;;
     esac
   done
 done

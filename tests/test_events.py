@@ -145,6 +145,35 @@ def test_window_denoiser_starts_as_the_exact_gaussian_denoiser(architecture):
         assert (f == 0).all() and (c_out > 0).all()
 
 
+def test_window_model_asinh_stretch_round_trips_and_keeps_old_cache_keys(tmp_path, monkeypatch):
+    # The stretched model trains on scale * asinh(x / scale) and maps back through sinh:
+    # to_physical must invert the stretch and the whitening exactly, including spikes
+    # far out in the tail. Configs without the stretch keep the cache key they had
+    # before the field existed (weights trained by earlier versions stay valid).
+    from densiformer.model.window_denoiser import WindowConfig, load_or_train
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    rng = np.random.default_rng(0)
+
+    def simulate(n, seed):  # quiet noise with rare 10-sigma spikes, 4 steps x 2 channels
+        x = 0.1 * rng.standard_normal((n, 8))
+        x[rng.random(n) < 0.02] += 1.0
+        return x.astype(np.float32)
+
+    config = WindowConfig("test", 8, train_windows=500, width=8, layers=2, steps=2, architecture="conv", length=4,
+                          asinh_scale=0.1)
+    model = load_or_train(config, simulate, progress=False)
+    x = torch.from_numpy(simulate(64, 1)).double()
+    u = 0.1 * torch.asinh(x / 0.1)
+    z = torch.linalg.solve(model.basis.double(), (u - model.mean.double()).T).T
+    torch.testing.assert_close(model.to_physical(z), x, atol=1e-9, rtol=1e-9)
+    assert load_or_train(config, simulate, progress=False).seconds == model.seconds  # from the cache
+    assert WindowConfig("lorenz63", 180).key() == "a9a8fcf00d4b174f"
+    assert WindowConfig("lorenz63", 180, asinh_scale=0.1).key() != "a9a8fcf00d4b174f"
+    with pytest.raises(ValueError, match="asinh_scale"):
+        WindowConfig("test", 8, asinh_scale=-1.0)
+
+
 def test_events_command_writes_the_table_and_histogram(tmp_path, monkeypatch):
     # The plumbing of `densiformer events` on a model trained for a few steps (the
     # statistics need the full run: benchmarks/bench_events.py); the simulator's event rate
@@ -168,6 +197,30 @@ def test_events_command_writes_the_table_and_histogram(tmp_path, monkeypatch):
     assert list((tmp_path / "cache" / "densiformer" / "window_denoiser").iterdir())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_window_denoiser_trains_and_samples_on_cuda_like_on_the_cpu(tmp_path, monkeypatch):
+    # Training draws its random stream on the CPU, so the CUDA-trained denoiser is the
+    # CPU one up to rounding (TF32 convolutions included: 2e-2 on unit-scale eps after 50
+    # Adam steps), and `densiformer events --device cuda` runs end to end.
+    from densiformer.guidance.cli import run
+    from densiformer.model.window_denoiser import WindowConfig, load_or_train
+
+    config = WindowConfig("lorenz63", lorenz63.DIM, train_windows=2000, width=16, layers=2, steps=50,
+                          architecture="conv", length=lorenz63.STEPS)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cpu"))
+    cpu = load_or_train(config, lorenz63.simulate, progress=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cuda"))
+    gpu = load_or_train(config, lorenz63.simulate, progress=False, device="cuda")
+    z, log_snr = torch.randn(64, lorenz63.DIM), torch.linspace(-8, 8, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(gpu.denoiser(z.cuda(), log_snr.cuda()).cpu(), cpu.denoiser(z, log_snr),
+                                   atol=2e-2, rtol=0)
+    result = run("lorenz63", num_samples=8, smc_particles=16, truth_windows=20_000, progress=False,
+                 denoiser={"steps": 10, "train_windows": 2000, "width": 8, "layers": 2}, device="cuda")
+    assert [r["method"] for r in result["rows"]][-1] == "moment + SMC"
+    assert all(np.isfinite(r["ms_per_sample"]) for r in result["rows"])
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--smc-particles", "6"], "multiple of 4"),
     (["--smc-guidance", "moment,magic"], "unknown method"),
@@ -175,6 +228,8 @@ def test_events_command_writes_the_table_and_histogram(tmp_path, monkeypatch):
     (["--train-steps", "0"], "--train-steps positive"),
     (["--num-samples", "1"], "--num-samples"),
     (["--event", "spike"], "has the event 'low-energy'"),
+    (["--device", "tpu"], "cpu or cuda"),
+    (["--device", "cuda:7"], "no such CUDA device"),
 ])
 def test_events_command_rejects_bad_options_before_any_work(flags, message, capsys):
     from densiformer.cli import main

@@ -83,10 +83,12 @@ def simulator_truth(system: System, n: int, seed: int, progress: bool) -> np.nda
 
 
 def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_particles=1000, smc_methods=("moment",),
-        prob_samples=0, truth_windows=1_000_000, seed=0, retrain=False, progress=True, denoiser=None) -> dict:
+        prob_samples=0, truth_windows=1_000_000, seed=0, retrain=False, progress=True, denoiser=None,
+        device="cpu") -> dict:
     """Sample the system's event with every method and compare with the simulator; returns the table.
 
     denoiser: WindowConfig fields that override the system's (a smaller model for tests).
+    device: where the denoiser trains and samples (the simulator's truth stays on the CPU).
     """
     from scipy import stats
 
@@ -99,7 +101,7 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
     system = _system(system_name, threshold)
     started = time.perf_counter()
     config = WindowConfig(system.name, system.module.DIM, **{**system.denoiser, **(denoiser or {})})
-    model = load_or_train(config, system.module.simulate, retrain=retrain, progress=progress)
+    model = load_or_train(config, system.module.simulate, retrain=retrain, progress=progress, device=device)
     trained = time.perf_counter() - started
     truth_values = simulator_truth(system, truth_windows, seed + 7, progress)
     truth_c = constraint(system, truth_values)
@@ -111,10 +113,10 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
     event_z = event(system).compose(model.to_physical)
     denoiser, schedule = model.denoiser, model.schedule
     k = system.module.DIM
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
 
     def satisfied_and_ks(z):
-        c = constraint(system, system.fn(model.to_physical(z))).numpy()
+        c = constraint(system, system.fn(model.to_physical(z))).cpu().numpy()
         ok = c > 0
         ks = float(stats.ks_2samp(c[ok], true_conditional).statistic) if ok.sum() > 1 else None  # too few in E
         return c, float(ok.mean()), ks
@@ -122,7 +124,9 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
     def draw(guidance, options, n):
         t0 = time.perf_counter()
         z = sample_with_event(denoiser, schedule, event_z, (n, k), guidance=guidance, guidance_options=options,
-                              generator=generator)
+                              generator=generator, device=device)
+        if z.is_cuda:
+            torch.cuda.synchronize()
         return z, (time.perf_counter() - t0) / n
 
     draw("moment", None, 2)  # warm-up, so that the first timed method does not pay for it
@@ -142,7 +146,7 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
             # P(E) through the probability-flow ODE: prob_samples draws of the guided ODE
             # with their log q, and the unguided ODE for log p (Hutchinson's divergence at
             # these dimensions, probability.HUTCHINSON_PROBES probes).
-            noise = torch.randn((prob_samples, k), generator=generator)
+            noise = torch.randn((prob_samples, k), generator=generator, device=device)
             guided = guided_eps_fn(denoiser, event_z, guidance, options)
             _, ratio, ok = flow_log_ratios(denoiser, guided, noise, schedule, event_z, ODE_FIXED)
             est = estimate_from_log_ratios(ratio, ok, "direct")
@@ -155,7 +159,9 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
     for guidance in smc_methods if smc_particles else ():
         t0 = time.perf_counter()
         result = sample_twisted(denoiser, schedule, event_z, (smc_particles, k), guidance=guidance,
-                                guidance_options=SMC_OPTIONS[guidance], generator=generator)
+                                guidance_options=SMC_OPTIONS[guidance], generator=generator, device=device)
+        if result.x.is_cuda:
+            torch.cuda.synchronize()
         seconds = (time.perf_counter() - t0) / smc_particles
         label = f"{guidance} + SMC"
         histograms[label], satisfied, ks = satisfied_and_ks(result.x)
@@ -250,10 +256,26 @@ def add_events_parser(subparsers):
                    help="channels of the convolutional denoiser (default 32; 64 matches the simulator's tails "
                         "better at about twice the training and sampling time, see benchmarks/results/events)")
     p.add_argument("--train-steps", type=int, default=None, help="training steps of the denoiser (default 3000)")
+    p.add_argument("--device", default="cpu",
+                   help="where the denoiser trains and samples: cpu (default), cuda, cuda:1, ... (a GPU makes "
+                        "wider, longer-trained denoisers affordable; the cache is shared with the CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--retrain", action="store_true", help="train the denoiser again, ignoring the cache")
     p.set_defaults(func=cmd_events)
     return p
+
+
+def _check_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {name!r}")
+    if device.type == "cuda" and not (torch.cuda.is_available()
+                                      and (device.index or 0) < torch.cuda.device_count()):
+        raise ValueError(f"--device {name}: no such CUDA device here (torch sees {torch.cuda.device_count()})")
+    return device
 
 
 def cmd_events(args) -> int:
@@ -273,8 +295,9 @@ def cmd_events(args) -> int:
     if (args.width is not None and (args.width < 8 or args.width % 8)) or \
             (args.train_steps is not None and args.train_steps < 1):
         raise ValueError("--width must be a positive multiple of 8 (GroupNorm's 8 groups), --train-steps positive")
+    device = _check_device(args.device)
     denoiser = {key: value for key, value in (("width", args.width), ("steps", args.train_steps)) if value is not None}
     run(args.system, threshold=args.threshold, out=args.out, num_samples=args.num_samples,
         smc_particles=args.smc_particles, smc_methods=smc_methods, prob_samples=args.prob_samples,
-        truth_windows=args.truth_windows, seed=args.seed, retrain=args.retrain, denoiser=denoiser)
+        truth_windows=args.truth_windows, seed=args.seed, retrain=args.retrain, denoiser=denoiser, device=device)
     return 0

@@ -81,9 +81,25 @@ class WindowConfig:
     loss_weighting: str = "unit"  # "unit": every whitened dimension alike; "variance": by its variance
     architecture: str = "mlp"  # "mlp" (WindowDenoiser) or "conv" (ConvWindowDenoiser)
     length: int = 0  # time steps per window (conv only; the channels are dim // length)
+    # > 0: the model sees asinh_scale * asinh(x / asinh_scale), the astronomers' asinh stretch:
+    # linear within about one scale of zero, logarithmic beyond, which brings rare large
+    # excursions (FitzHugh-Nagumo's spikes, 8 sigma) within reach of the denoiser.
+    asinh_scale: float = 0.0
+
+    def __post_init__(self):
+        if not self.asinh_scale >= 0:
+            raise ValueError(f"asinh_scale must be 0 (off) or positive, got {self.asinh_scale}")
+
+    def fields(self) -> dict:
+        """The config as a dict, leaving out fields added later while they hold their
+        default, so that weights cached before them keep their key."""
+        fields = asdict(self)
+        if fields["asinh_scale"] == 0.0:
+            del fields["asinh_scale"]
+        return fields
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.fields(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 class WindowDenoiser(nn.Module):
@@ -248,7 +264,8 @@ def build_denoiser(config: WindowConfig) -> nn.Module:
 
 
 class WindowModel:
-    """A trained denoiser with its whitening: x = mean + z @ basis.T, basis = U L^1/2."""
+    """A trained denoiser with its whitening: x = g^-1(mean + z @ basis.T), basis = U L^1/2,
+    g the asinh stretch where config.asinh_scale > 0 (else the identity)."""
 
     def __init__(self, config: WindowConfig, denoiser: WindowDenoiser, mean, basis, seconds: float):
         self.config, self.denoiser, self.seconds = config, denoiser.eval().requires_grad_(False), seconds
@@ -257,7 +274,9 @@ class WindowModel:
         self.schedule = get_schedule(config.schedule)
 
     def to_physical(self, z: torch.Tensor) -> torch.Tensor:
-        return self.mean.to(z) + z @ self.basis.to(z).T
+        u = self.mean.to(z) + z @ self.basis.to(z).T
+        scale = self.config.asinh_scale
+        return scale * torch.sinh(u / scale) if scale > 0 else u
 
 
 def cache_dir() -> Path:
@@ -265,21 +284,28 @@ def cache_dir() -> Path:
     return Path(root) / "densiformer" / "window_denoiser"
 
 
-def load_or_train(config: WindowConfig, simulate, *, retrain: bool = False, progress: bool = True) -> WindowModel:
+def load_or_train(config: WindowConfig, simulate, *, retrain: bool = False, progress: bool = True,
+                  device="cpu") -> WindowModel:
     """The cached model for `config`, or a freshly trained one (then cached).
 
     simulate(n, seed) -> (n, dim) float array of physical windows: the training data.
+    device: where to train and where the returned denoiser lives. Training draws its
+    random numbers on the CPU either way, so a GPU-trained model is the CPU one up to
+    rounding, and both share the cache.
     """
     from safetensors.torch import load_file, save_file
 
     path = cache_dir() / config.key()
     if not retrain and (path / "model.safetensors").is_file() and (path / "config.json").is_file():
         meta = json.loads((path / "config.json").read_text())
-        if meta.get("config") == asdict(config):
+        if meta.get("config") == config.fields():
             denoiser = build_denoiser(config)
             denoiser.load_state_dict(load_file(str(path / "model.safetensors")))
+            denoiser.to(device)
             return WindowModel(config, denoiser, np.array(meta["mean"]), np.array(meta["basis"]), meta["seconds"])
     data = np.asarray(simulate(config.train_windows, config.seed + 1), dtype=np.float64)
+    if config.asinh_scale > 0:
+        data = config.asinh_scale * np.arcsinh(data / config.asinh_scale)
     if config.architecture == "conv":
         # Per-channel standardisation keeps the time layout the convolutions work on.
         per_channel = data.reshape(len(data), config.length, -1)
@@ -294,11 +320,11 @@ def load_or_train(config: WindowConfig, simulate, *, retrain: bool = False, prog
         basis = eigvec * np.sqrt(np.maximum(eigval, config.variance_floor * eigval.max()))
     z = np.linalg.solve(basis, (data - mean).T).T.astype(np.float32)
     started = time.perf_counter()
-    denoiser = train(config, torch.from_numpy(z), progress)
+    denoiser = train(config, torch.from_numpy(z), progress, device)
     seconds = time.perf_counter() - started
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in denoiser.state_dict().items()}, str(path / "model.safetensors.tmp"))
-    meta = {"config": asdict(config), "mean": mean.tolist(), "basis": basis.tolist(), "seconds": seconds,
+    save_file({k: v.cpu().contiguous() for k, v in denoiser.state_dict().items()}, str(path / "model.safetensors.tmp"))
+    meta = {"config": config.fields(), "mean": mean.tolist(), "basis": basis.tolist(), "seconds": seconds,
             "command": f"densiformer events {config.system} --retrain"}
     (path / "config.json.tmp").write_text(json.dumps(meta, indent=2))
     os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
@@ -306,8 +332,12 @@ def load_or_train(config: WindowConfig, simulate, *, retrain: bool = False, prog
     return WindowModel(config, denoiser, mean, basis, seconds)
 
 
-def train(config: WindowConfig, z: torch.Tensor, progress: bool = True) -> nn.Module:
-    """Train on standardised windows z (n, dim) for config.steps steps; returns the EMA model."""
+def train(config: WindowConfig, z: torch.Tensor, progress: bool = True, device="cpu") -> nn.Module:
+    """Train on standardised windows z (n, dim) for config.steps steps; returns the EMA model (on device).
+
+    Batches, times and noise are drawn on the CPU from config.seed, then moved: the same
+    config gives the same random stream on any device.
+    """
     from tqdm.auto import tqdm
 
     torch.manual_seed(config.seed)
@@ -315,7 +345,9 @@ def train(config: WindowConfig, z: torch.Tensor, progress: bool = True) -> nn.Mo
     schedule = get_schedule(config.schedule)
     model = build_denoiser(config)
     model.set_data_moments(z)
+    model.to(device)
     weight = z.var(0) / z.var(0).mean() if config.loss_weighting == "variance" else torch.ones(z.shape[-1])
+    z, weight = z.to(device), weight.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
     warmup = max(1, config.steps // 20)
@@ -323,12 +355,12 @@ def train(config: WindowConfig, z: torch.Tensor, progress: bool = True) -> nn.Mo
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / config.steps)))
     bar = tqdm(range(config.steps), disable=not progress, desc=f"training {config.system} denoiser", unit="step")
     for step in bar:
-        x0 = z[torch.randint(len(z), (config.batch_size,), generator=generator)]
+        x0 = z[torch.randint(len(z), (config.batch_size,), generator=generator).to(device)]
         # Stratified times, as in training.diffusion_loss.
         t = (torch.rand((), generator=generator) + torch.arange(config.batch_size) / config.batch_size) % 1.0
-        log_snr = schedule.log_snr(t).float()
+        log_snr = schedule.log_snr(t).float().to(device)
         alpha, sigma = alpha_sigma(log_snr)
-        noise = torch.randn(x0.shape, generator=generator)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
         xt = alpha[:, None] * x0 + sigma[:, None] * noise
         x0_gauss, c_out, f = model.x0_and_target_scale(xt, log_snr)
         loss = ((f - (x0 - x0_gauss) / c_out) ** 2 * weight).mean()
