@@ -165,6 +165,17 @@ def test_encoder_dispatches_to_the_op():
     assert max(errors) <= FP32_RTOL, errors  # fp32 on both sides
 
 
+def test_encoder_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) traces the encoder through the op's dispatch (the backend
+    choice is a compile-time constant) and computes what eager computes."""
+    torch.manual_seed(0)
+    encoder = Encoder(d_model=16, layers=2, heads=2)
+    tokens = torch.randn(3, 5, 16)
+    padding = torch.rand(3, 5) < 0.5
+    compiled = torch.compile(encoder, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(tokens, padding), encoder(tokens, padding), rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------ dispatch and validation
 def test_auto_never_picks_the_interpreter_on_cpu():
     assert backends.resolve_backend("masked_attention", "auto", torch.device("cpu")) == "torch"

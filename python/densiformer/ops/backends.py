@@ -87,6 +87,16 @@ def _triton_status():
     return "no GPU and TRITON_INTERPRET unset"
 
 
+def _constant_under_compile(fn):
+    """Mark fn as torch.compiler.assume_constant_result does: torch.compile calls it once while
+    tracing and keeps the answer as a constant, where tracing into it would break the graph
+    at importlib (the extensions' first import). Set by hand because that function imports
+    torch._dynamo, and with it triton, which `import densiformer` must not."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_compile
 def available_backends() -> dict[str, object]:
     """{backend: True or the reason it cannot run here}."""
     return {
@@ -108,6 +118,7 @@ def _device_problem(backend: str, device: torch.device) -> str | None:
     return None
 
 
+@_constant_under_compile
 def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     """The backend `op` will run on; ValueError/RuntimeError saying why if it cannot."""
     if backend not in BACKENDS + ("auto",):
