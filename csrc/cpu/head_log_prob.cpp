@@ -29,10 +29,7 @@
 #include "aligned_buffer.h"
 #include "head_sample_loop.h"
 #include "packed_head.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "tile_runner.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #define DENSIFORMER_X86 1
@@ -117,24 +114,7 @@ Isa select_isa() {
 void head_log_prob_cpu(const HeadLogProbArgs& args) {
   const Isa isa = select_isa();
   const Plan plan(args, isa.panel);
-  const int64_t tiles = (args.N + kTileRows - 1) / kTileRows;
-  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(args.num_threads, tiles)));
-  // Allocated here, not inside the parallel region, so an allocation failure throws
-  // to the caller instead of terminating.
-  std::vector<Workspace> spaces;
-  spaces.reserve(threads);
-  for (int t = 0; t < threads; ++t) spaces.emplace_back(plan);
-
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-  for (int64_t tile = 0; tile < tiles; ++tile) {
-#ifdef _OPENMP
-    Workspace& ws = spaces[omp_get_thread_num()];
-#else
-    Workspace& ws = spaces[0];
-#endif
-    const int64_t first = tile * kTileRows;
-    isa.fn(plan, ws, first, int(std::min<int64_t>(kTileRows, args.N - first)));
-  }
+  run_tiles<Workspace>(plan, args.N, kTileRows, args.num_threads, isa.fn);
 }
 
 }  // namespace densiformer

@@ -29,11 +29,8 @@
 
 #include "aligned_buffer.h"
 #include "packed_head.h"
+#include "tile_runner.h"
 #include "philox.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #if defined(__x86_64__) || defined(__i386__)
 #define DENSIFORMER_X86 1
@@ -138,25 +135,7 @@ const char* head_sample_loop_isa() { return select_isa().name; }
 void head_sample_loop_cpu(const HeadSampleLoopArgs& args) {
   const Isa isa = select_isa();
   const Plan plan(args, isa.panel);
-  const int64_t pairs = args.N * args.S;
-  const int64_t tiles = (pairs + kTileRows - 1) / kTileRows;
-  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(args.num_threads, tiles)));
-  // Allocated here, not inside the parallel region, so an allocation failure throws
-  // to the caller instead of terminating.
-  std::vector<Workspace> spaces;
-  spaces.reserve(threads);
-  for (int t = 0; t < threads; ++t) spaces.emplace_back(plan);
-
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-  for (int64_t tile = 0; tile < tiles; ++tile) {
-#ifdef _OPENMP
-    Workspace& ws = spaces[omp_get_thread_num()];
-#else
-    Workspace& ws = spaces[0];
-#endif
-    const int64_t first = tile * kTileRows;
-    isa.fn(plan, ws, first, int(std::min<int64_t>(kTileRows, pairs - first)));
-  }
+  run_tiles<Workspace>(plan, args.N * args.S, kTileRows, args.num_threads, isa.fn);
 }
 
 }  // namespace densiformer
