@@ -2,23 +2,29 @@
 # Everything a GPU session does for the CUDA kernels (issues #4, #5), in one script:
 #
 #   build     DENSIFORMER_CUDA=1 pip install -e . (both modules, nvcc for sm_80 + sm_90a)
-#   test      tests/test_cuda_kernels.py, tests/test_head_sample_loop.py, tests/test_masked_attention.py
-#   sanitize  compute-sanitizer memcheck on small runs of both kernels, racecheck on the head loop
+#   test      tests/test_cuda_kernels.py, test_head_sample_loop.py, test_head_log_prob.py,
+#             test_masked_attention.py (cuda, and triton compiled for the GPU)
 #   bench     benchmarks/bench_head_loop.py --device cuda (cuda, cuda_bf16, triton, torch eager),
-#             then torch.compile(max-autotune) against cuda; benchmarks/bench_attention.py if present
+#             then torch.compile(max-autotune) against cuda; benchmarks/bench_attention.py
+#   sanitize  compute-sanitizer memcheck on small runs of both kernels, racecheck on the head loop
 #   events    (issue #7, not in the default list) the Lorenz-63 event benchmark with a width-64
 #             denoiser trained 10x longer on the GPU, at the paper's threshold and two rarer ones;
 #             brings back the tables, the histograms and the trained weights (cache/)
 #
-#   bash benchmarks/gpu_session.sh [STAGE ...]      (default: build test sanitize bench)
+#   bash benchmarks/gpu_session.sh [STAGE ...]      (default: build test bench sanitize)
 #
-# Every step has its own time limit, so a call never runs away: `build test sanitize`
-# and `build bench` each take at most 9.5 minutes (the device tool's 10-minute limit per
-# call); all four stages at most 19. The build is incremental on a warm machine, about a
-# minute from scratch on 16 cores. Output goes to $OUT when it
-# is set (the device tool's folder that comes back), else benchmarks/results/gpu_session:
-# session.log (everything), summary.txt (one line per step), tests.xml, and the JSON
-# results. The exit status is 1 if any step failed; later steps still run.
+# A session has 15 minutes of device time, the machine's start (a minute or two)
+# included, and one call may run 10, so the default is meant as ONE call: every step has
+# its own time limit, and all steps share a deadline of DEADLINE seconds (default 560)
+# from the script's start: a step gets at most what is left, and a step with under 15 s
+# left is skipped and recorded as such. The figures (bench) come before the sanitizer,
+# so a slow step costs the least important ones. Call it as
+#   run(command="bash benchmarks/gpu_session.sh", timeout_s=590)
+# The build is about a minute from scratch on 16 cores. Output goes to $OUT when it is
+# set (the device tool's folder that comes back, at most 8 files), else
+# benchmarks/results/gpu_session: session.log (everything), summary.txt (one line per
+# step), tests.xml, and the JSON results. The exit status is 1 if any step failed or was
+# skipped; later steps still run.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,12 +34,21 @@ PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 LOG="$OUT_DIR/session.log"
 SUMMARY="$OUT_DIR/summary.txt"
+DEADLINE="${DEADLINE:-560}"
 failed=0
 
-# step NAME SECONDS COMMAND...: run with a time limit, log it, record the outcome.
+# step NAME SECONDS COMMAND...: run with a time limit (capped by what is left before the
+# deadline), log it, record the outcome.
 step() {
   local name=$1 limit=$2
   shift 2
+  local left=$((DEADLINE - SECONDS))
+  if [ "$left" -lt 15 ]; then
+    echo "$name: skipped, ${left}s left before the ${DEADLINE}s deadline" | tee -a "$LOG" >>"$SUMMARY"
+    failed=1
+    return 1
+  fi
+  [ "$limit" -gt $((left - 5)) ] && limit=$((left - 5))
   echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
   local start=$SECONDS
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
@@ -57,22 +72,23 @@ stage_build() {
 }
 
 stage_test() {
-  step test 240 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT_DIR/tests.xml" \
-    tests/test_cuda_kernels.py tests/test_head_sample_loop.py tests/test_masked_attention.py
+  step test 180 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT_DIR/tests.xml" \
+    tests/test_cuda_kernels.py tests/test_head_sample_loop.py tests/test_head_log_prob.py \
+    tests/test_masked_attention.py
 }
 
 stage_sanitize() {
   # Without torch's caching allocator each tensor is its own allocation: memcheck then
   # sees accesses past a tensor's end, not only past a cached block's.
-  step memcheck 100 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
+  step memcheck 80 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
     "$PY" benchmarks/sanitize_cuda.py
-  step racecheck 50 compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" benchmarks/sanitize_cuda.py head
+  step racecheck 40 compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" benchmarks/sanitize_cuda.py head
 }
 
 stage_bench() {
-  step bench_head 150 "$PY" benchmarks/bench_head_loop.py --device cuda --rounds 3 \
+  step bench_head 100 "$PY" benchmarks/bench_head_loop.py --device cuda --rounds 3 \
     --backends cuda,cuda_bf16,triton,torch --out "$OUT_DIR/head_loop_gpu.json"
-  step bench_head_compile 160 "$PY" benchmarks/bench_head_loop.py --device cuda --rounds 3 \
+  step bench_head_compile 120 "$PY" benchmarks/bench_head_loop.py --device cuda --rounds 3 \
     --backends cuda,cuda_bf16,compile --out "$OUT_DIR/head_loop_gpu_compile.json"
   if [ -f benchmarks/bench_attention.py ]; then
     local marker="$OUT_DIR/.attention_start"
@@ -101,7 +117,7 @@ stage_events() {
   cp -r benchmarks/results/events/width64_steps30000* "$OUT_DIR/" 2>/dev/null || true
 }
 
-for stage in "${@:-build test sanitize bench}"; do
+for stage in "${@:-build test bench sanitize}"; do
   for s in $stage; do
     case "$s" in
       build | test | sanitize | bench | events) "stage_$s" || true ;;
