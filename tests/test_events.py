@@ -174,6 +174,36 @@ def test_window_model_asinh_stretch_round_trips_and_keeps_old_cache_keys(tmp_pat
         WindowConfig("test", 8, asinh_scale=-1.0)
 
 
+def test_training_log_snr_mixes_uniform_and_cosine_strata_and_keeps_old_keys():
+    # uniform_log_snr = 0 must reproduce the original stream (cached weights keep their
+    # meaning and key); a fraction f puts f of the batch uniformly over the schedule's
+    # log-SNR range and the rest at the cosine's times, each part stratified over [0, 1).
+    from densiformer.diffusion.schedules import get_schedule
+    from densiformer.model.window_denoiser import WindowConfig, training_log_snr
+
+    schedule = get_schedule("cosine")
+    stream = torch.Generator().manual_seed(3)
+    t = (torch.rand((), generator=stream) + torch.arange(256) / 256) % 1.0
+    torch.testing.assert_close(training_log_snr(schedule, 256, 0.0, torch.Generator().manual_seed(3)),
+                               schedule.log_snr(t).float(), rtol=0, atol=0)
+    lam = training_log_snr(schedule, 256, 0.5, torch.Generator().manual_seed(3))
+    uniform, cosine = lam[:128], lam[128:]
+    lo, hi = schedule.log_snr_min, schedule.log_snr_max
+    spacing = (hi - lo) / 128  # stratified: consecutive sorted values one stratum apart
+    gaps = torch.diff(uniform.sort().values)
+    torch.testing.assert_close(gaps, torch.full_like(gaps, spacing), rtol=0, atol=1e-4)
+    assert lo <= uniform.min() < lo + spacing and hi - spacing < uniform.max() <= hi
+    times = schedule.time(cosine.double()).sort().values  # the cosine half, back on the time axis
+    torch.testing.assert_close(torch.diff(times), torch.full((127,), 1 / 128, dtype=torch.float64),
+                               rtol=0, atol=1e-4)
+    # Low log-SNRs, where rare far modes are decided, get several times the cosine's share.
+    assert (lam < -6).float().mean() > 2 * (training_log_snr(schedule, 256, 0.0, stream) < -6).float().mean()
+    assert WindowConfig("lorenz63", 180, uniform_log_snr=0.0).key() == "a9a8fcf00d4b174f"
+    assert WindowConfig("lorenz63", 180, uniform_log_snr=0.5).key() != "a9a8fcf00d4b174f"
+    with pytest.raises(ValueError, match="uniform_log_snr"):
+        WindowConfig("test", 8, uniform_log_snr=1.5)
+
+
 def test_events_command_writes_the_table_and_histogram(tmp_path, monkeypatch):
     # The plumbing of `densiformer events` on a model trained for a few steps (the
     # statistics need the full run: benchmarks/bench_events.py); the simulator's event rate

@@ -90,17 +90,25 @@ class WindowConfig:
     # linear within about one scale of zero, logarithmic beyond, which brings rare large
     # excursions (FitzHugh-Nagumo's spikes, 8 sigma) within reach of the denoiser.
     asinh_scale: float = 0.0
+    # The fraction of each training batch whose log-SNR is drawn uniformly over the
+    # schedule's range instead of by the cosine schedule's times. The cosine gives log-SNR
+    # -8 to -6, where a rare far mode (FitzHugh-Nagumo's joint spike) is told apart from the
+    # bulk, only 2% of the batch; uniform gives it 10%.
+    uniform_log_snr: float = 0.0
 
     def __post_init__(self):
         if not self.asinh_scale >= 0:
             raise ValueError(f"asinh_scale must be 0 (off) or positive, got {self.asinh_scale}")
+        if not 0 <= self.uniform_log_snr <= 1:
+            raise ValueError(f"uniform_log_snr must be a fraction in [0, 1], got {self.uniform_log_snr}")
 
     def fields(self) -> dict:
         """The config as a dict, leaving out fields added later while they hold their
         default, so that weights cached before them keep their key."""
         fields = asdict(self)
-        if fields["asinh_scale"] == 0.0:
-            del fields["asinh_scale"]
+        for later in ("asinh_scale", "uniform_log_snr"):
+            if fields[later] == 0.0:
+                del fields[later]
         return fields
 
     def key(self) -> str:
@@ -337,6 +345,21 @@ def load_or_train(config: WindowConfig, simulate, *, retrain: bool = False, prog
     return WindowModel(config, denoiser, mean, basis, seconds)
 
 
+def training_log_snr(schedule, batch_size: int, uniform_fraction: float, generator) -> torch.Tensor:
+    """Stratified log-SNRs (as in training.diffusion_loss) for one batch: the first
+    round(uniform_fraction * batch_size) uniform in [log_snr_min, log_snr_max], the rest at
+    the schedule's own times. Both parts cover their range evenly."""
+    t = (torch.rand((), generator=generator) + torch.arange(batch_size) / batch_size) % 1.0
+    uniform = round(uniform_fraction * batch_size)
+    if uniform == 0:  # the original stream, so that weights cached before the option keep their meaning
+        return schedule.log_snr(t).float()
+    # Every other stratum goes to the uniform part first, so that each part spans [0, 1).
+    order = torch.cat([torch.arange(0, batch_size, 2), torch.arange(1, batch_size, 2)])
+    t = t[order]
+    lo, hi = schedule.log_snr_min, schedule.log_snr_max
+    return torch.cat([hi + (lo - hi) * t[:uniform], schedule.log_snr(t[uniform:])]).float()
+
+
 def train(config: WindowConfig, z: torch.Tensor, progress: bool = True, device="cpu") -> nn.Module:
     """Train on standardised windows z (n, dim) for config.steps steps; returns the EMA model (on device).
 
@@ -361,9 +384,7 @@ def train(config: WindowConfig, z: torch.Tensor, progress: bool = True, device="
     bar = tqdm(range(config.steps), disable=not progress, desc=f"training {config.system} denoiser", unit="step")
     for step in bar:
         x0 = z[torch.randint(len(z), (config.batch_size,), generator=generator).to(device)]
-        # Stratified times, as in training.diffusion_loss.
-        t = (torch.rand((), generator=generator) + torch.arange(config.batch_size) / config.batch_size) % 1.0
-        log_snr = schedule.log_snr(t).float().to(device)
+        log_snr = training_log_snr(schedule, config.batch_size, config.uniform_log_snr, generator).to(device)
         alpha, sigma = alpha_sigma(log_snr)
         noise = torch.randn(x0.shape, generator=generator).to(device)
         xt = alpha[:, None] * x0 + sigma[:, None] * noise
