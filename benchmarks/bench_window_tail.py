@@ -1,29 +1,84 @@
-"""How much unguided mass a window denoiser puts on an event's tail, against the simulator.
+"""How much unguided mass a window denoiser puts on an event's tail, and where it loses it.
 
     python benchmarks/bench_window_tail.py fitzhugh-nagumo [--width 32] [--train-steps 3000]
-        [--tail-weight 10] [--num-samples 4000] [--thresholds 0.2,0.5,0.7] [--out results.json]
+        [--num-samples 4000] [--sampler ddpm --steps 100] [--thresholds 0.2,0.5,0.7]
+        [--restart=-8,-6,-5,-4,-2,0] [--out results.json]
 
 SMC estimates the *model's* P(E) without bias, so the model's unguided tail sets how
 close any P(E) can get to the truth. This trains (or loads from the cache) the denoiser
-of `densiformer events <system>` with the given overrides, draws unguided DDPM-100
-samples and reports, per threshold, the model's event rate against the simulator's
-(10^6 windows, the events command's cached truth), with binomial standard errors (for a
-tail-tilted denoiser, its samples weighted back by 1 / w, self-normalised), and
-the KS statistic of the event statistic over all windows and, per threshold, of C(x)
-among the samples in the event against the simulator's conditional.
+of `densiformer events <system>` with the given overrides, draws unguided samples and
+reports, per threshold, the model's event rate against the simulator's (10^6 windows,
+the events command's cached truth) with binomial standard errors, the KS statistic of
+the event statistic over all windows and, per threshold, of C(x) among the samples in
+the event against the simulator's conditional.
+
+--restart LAMS finds the noise level where the model loses the event's mass: it noises
+simulated windows (in the event and not, at the system's threshold) to each log-SNR lam,
+runs the model's DDPM chain from there to the data, and reports the fraction that ends
+in the event per starting class and the rate they imply,
+P(E) P(end in E | start in E) + (1 - P(E)) P(end in E | start out of E). An exact model
+gives the true P(E) from every lam; the lam where the implied rate falls is where the
+denoiser misses the event's mode.
 """
 from __future__ import annotations
 
 import argparse
 import time
 
+import numpy as np
 import torch
-from densiformer.guidance.cli import _system, constraint, simulator_truth, weighted_ks
-from densiformer.guidance.probability import weighted_estimate
-from densiformer.guidance.scores import sample_with_event
+from scipy import stats
+
+from densiformer.diffusion import samplers
+from densiformer.diffusion.schedules import Schedule, alpha_sigma
+from densiformer.guidance.cli import _system, constraint, simulator_truth
+from densiformer.guidance.scores import as_eps_fn
 from densiformer.model.window_denoiser import WindowConfig, load_or_train
 
 from common import RESULTS, device_info, write_result
+
+
+class StartingAt(Schedule):
+    """`base` from time t0 down to 0, rescaled to [0, 1]: a sampler run on it starts at base's t0."""
+
+    def __init__(self, base: Schedule, t0: float):
+        self.base, self.t0 = base, t0
+
+    def log_snr(self, t):
+        return self.base.log_snr(t * self.t0)
+
+    def time(self, log_snr):
+        return self.base.time(log_snr) / self.t0
+
+
+def restart_rates(model, system, p_true, lams, n_in, n_out, generator, device) -> list[dict]:
+    """Per starting log-SNR: the fraction of noised simulated windows, in E or not, that the
+    model's DDPM chain brings back into E, and the P(E) they imply (see the module docstring)."""
+    windows = system.module.simulate(max(200_000, 50 * n_in), 99)
+    c = constraint(system, system.fn(torch.from_numpy(windows))).numpy()
+    starts = {"in": windows[c > 0][:n_in], "out": windows[c <= 0][:n_out]}
+    eps_fn = as_eps_fn(model.denoiser)
+    rows = []
+    for lam in lams:
+        t0 = float(model.schedule.time(torch.tensor(lam, dtype=torch.float64)))
+        steps = max(2, round(100 * t0))  # the 100-step chain's own grid spacing
+        alpha, sigma = (float(v) for v in alpha_sigma(torch.tensor(lam, dtype=torch.float64)))
+        ends = {}
+        for name, x in starts.items():
+            x = torch.from_numpy(x).to(device)
+            z0 = torch.linalg.solve(model.basis.to(device), (x - model.mean.to(device)).T).T
+            zt = alpha * z0 + sigma * torch.randn(z0.shape, generator=generator, device=device)
+            with torch.no_grad():
+                z = samplers.sample("ddpm", eps_fn, zt, StartingAt(model.schedule, t0), steps, generator=generator)
+            ends[name] = float((constraint(system, system.fn(model.to_physical(z))) > 0).float().mean())
+        implied = p_true * ends["in"] + (1 - p_true) * ends["out"]
+        rows.append({"log_snr": lam, "steps": steps, "end_in_event_from_in": ends["in"],
+                     "end_in_event_from_out": ends["out"], "implied_p": implied, "starts_in": len(starts["in"]),
+                     "starts_out": len(starts["out"])})
+        print(f"  from log-SNR {lam:+5.1f} ({steps:3d} steps): in E at the end {ends['in']:.3f} of "
+              f"{len(starts['in'])} starts in E, {ends['out']:.4f} of {len(starts['out'])} out; implied P(E) "
+              f"{implied:.4f} (truth {p_true:.4f})", flush=True)
+    return rows
 
 
 def main():
@@ -31,29 +86,31 @@ def main():
     parser.add_argument("system", choices=["lorenz63", "fitzhugh-nagumo"])
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--train-steps", type=int, default=None)
-    parser.add_argument("--tail-weight", type=float, default=None,
-                        help="tail tilt: weight of the training windows beyond the tail quantile (see WindowConfig)")
     parser.add_argument("--num-samples", type=int, default=4000)
+    parser.add_argument("--sampler", default="ddpm", help="ddpm (the events command's), ddim, dpmpp2m or heun")
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--thresholds", default=None, help="comma-separated event thresholds (default: the system's)")
+    parser.add_argument("--restart", default=None,
+                        help="comma-separated starting log-SNRs for the restart diagnostic (write --restart=-8,-4)")
+    parser.add_argument("--restart-windows", default="600,1500", help="simulated starts in E, out of E")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    overrides = {k: v for k, v in (("width", args.width), ("steps", args.train_steps),
-                                   ("tail_weight", args.tail_weight)) if v is not None}
+    overrides = {k: v for k, v in (("width", args.width), ("steps", args.train_steps)) if v is not None}
     system = _system(args.system, None)
     config = WindowConfig(system.name, system.module.DIM, **{**system.denoiser, **overrides})
     model = load_or_train(config, system.module.simulate, device=args.device)
     truth = simulator_truth(system, 1_000_000, 7, progress=True)  # the events command's (seed 0 + 7)
+    generator = torch.Generator(args.device).manual_seed(args.seed)
 
     started = time.perf_counter()
-    generator = torch.Generator(args.device).manual_seed(args.seed)
-    z = sample_with_event(model.denoiser, model.schedule, None, (args.num_samples, system.module.DIM),
-                          guidance=None, generator=generator, device=args.device)
+    noise = torch.randn((args.num_samples, system.module.DIM), generator=generator, device=args.device)
+    with torch.no_grad():
+        z = samplers.sample(args.sampler, as_eps_fn(model.denoiser), noise, model.schedule, args.steps,
+                            generator=generator)
     values = system.fn(model.to_physical(z)).cpu().numpy()
-    untilt = -model.log_tilt(z)  # a tail-tilted model's samples weigh 1 / w(z); zeros without a tilt
-    weights = untilt.exp().cpu().numpy()
     sample_seconds = time.perf_counter() - started
 
     thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else [system.threshold]
@@ -61,28 +118,36 @@ def main():
     for threshold in thresholds:
         at = _system(args.system, threshold)
         c_model, c_true = constraint(at, values), constraint(at, truth)
-        model_p = weighted_estimate(torch.from_numpy(c_model > 0), untilt.cpu())
-        p_model, p_true = float(model_p.p), float((c_true > 0).mean())
+        p_model, p_true = float((c_model > 0).mean()), float((c_true > 0).mean())
         # The shape of the model's conditional: C(x) of its samples in E against the simulator's.
-        inside = c_model > 0
-        ks_in_event = weighted_ks(c_model[inside], c_true[c_true > 0], weights[inside]) if inside.sum() > 1 else None
-        rows.append({"threshold": threshold, "p_model": p_model, "p_model_se": float(model_p.p_se),
-                     "samples_in_event": int(inside.sum()), "p_true": p_true,
-                     "ratio": p_model / p_true if p_true else float("nan"), "ks_in_event": ks_in_event})
-    ks = weighted_ks(values, truth, weights)
-    print(f"{args.system} {config.key()} ({overrides or 'defaults'}): KS of the event statistic {ks:.3f}, "
-          f"{args.num_samples} samples in {sample_seconds:.0f} s; training took {model.seconds / 60:.1f} min")
+        ks_in_event = (float(stats.ks_2samp(c_model[c_model > 0], c_true[c_true > 0]).statistic)
+                       if (c_model > 0).sum() > 1 else None)
+        rows.append({"threshold": threshold, "p_model": p_model,
+                     "p_model_se": float(np.sqrt(p_model * (1 - p_model) / len(values))),
+                     "p_true": p_true, "ratio": p_model / p_true if p_true else float("nan"),
+                     "ks_in_event": ks_in_event})
+    ks = float(stats.ks_2samp(values, truth).statistic)
+    print(f"{args.system} {config.key()} ({overrides or 'defaults'}), {args.sampler} {args.steps} steps: KS of the "
+          f"event statistic {ks:.3f}, {args.num_samples} samples in {sample_seconds:.0f} s; training took "
+          f"{model.seconds / 60:.1f} min")
     print(f"{'threshold':>10}{'model':>18}{'simulator':>11}{'ratio':>8}{'KS in E':>9}")
     for r in rows:
         ks_in = "-" if r["ks_in_event"] is None else f"{r['ks_in_event']:.3f}"
         print(f"{r['threshold']:>10.3g}{r['p_model']:>11.4f} +- {r['p_model_se']:.4f}{r['p_true']:>11.4f}"
               f"{r['ratio']:>8.2f}{ks_in:>9}")
-    tag = "_".join(f"{k}{v}" for k, v in overrides.items()) or "defaults"
+    restart = None
+    if args.restart:
+        n_in, n_out = (int(n) for n in args.restart_windows.split(","))
+        p_true = float((constraint(system, truth) > 0).mean())
+        restart = restart_rates(model, system, p_true, [float(v) for v in args.restart.split(",")], n_in, n_out,
+                                generator, args.device)
+    tag = "_".join([f"{k}{v}" for k, v in overrides.items()]
+                   + ([] if (args.sampler, args.steps) == ("ddpm", 100) else [f"{args.sampler}{args.steps}"]))
     write_result("window_tail", {"device": device_info(torch.device(args.device)), "system": args.system,
                                  "config": config.fields(), "config_key": config.key(),
-                                 "train_seconds": model.seconds, "num_samples": args.num_samples,
-                                 "ks_all": ks, "rows": rows},
-                 args.out or str(RESULTS / "events" / "tails" / f"{args.system}_{tag}.json"))
+                                 "train_seconds": model.seconds, "sampler": args.sampler, "steps": args.steps,
+                                 "num_samples": args.num_samples, "ks_all": ks, "rows": rows, "restart": restart},
+                 args.out or str(RESULTS / "events" / "tails" / f"{args.system}_{tag or 'defaults'}.json"))
 
 
 if __name__ == "__main__":

@@ -174,57 +174,6 @@ def test_window_model_asinh_stretch_round_trips_and_keeps_old_cache_keys(tmp_pat
         WindowConfig("test", 8, asinh_scale=-1.0)
 
 
-def test_tail_tilt_weights_are_the_training_weights_and_keep_old_keys(tmp_path, monkeypatch):
-    # The correction must use the very w the denoiser was trained with: log_tilt of the
-    # training windows (in the model's coordinates) gives back the sampling weights, the
-    # windows beyond the tail quantile weigh about tail_weight, the bulk near 1 (the step is
-    # smooth, TILT_WIDTH wide in log distance), and the tilt survives the cache.
-    from densiformer.model.window_denoiser import WindowConfig, _fit_tilt, load_or_train
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-
-    def simulate(n, seed):  # quiet noise with rare 10-sigma spikes, 4 steps x 2 channels
-        rng = np.random.default_rng(seed)
-        x = 0.1 * rng.standard_normal((n, 8))
-        x[rng.random(n) < 0.02] += 1.0
-        return x.astype(np.float32)
-
-    config = WindowConfig("test", 8, train_windows=4000, width=8, layers=2, steps=2, architecture="conv", length=4,
-                          tail_weight=10.0, tail_quantile=0.95)
-    model = load_or_train(config, simulate, progress=False)
-    x = torch.from_numpy(simulate(config.train_windows, config.seed + 1)).double()
-    z = torch.linalg.solve(model.basis.double(), (x - model.mean.double()).T).T.float()
-    _, weights = _fit_tilt(config, z)
-    torch.testing.assert_close(model.log_tilt(z).exp(), weights, rtol=1e-4, atol=1e-4)
-    spikes = x.mean(-1) > 0.5  # every spike lies beyond the 95% quantile of the distance
-    assert (weights[spikes] > 9.5).all() and (weights[~spikes].median() < 1.5)
-    assert (weights > 5.5).float().mean() == pytest.approx(0.05, abs=0.01)
-    cached = load_or_train(config, simulate, progress=False)
-    assert cached.seconds == model.seconds
-    torch.testing.assert_close(cached.log_tilt(z), model.log_tilt(z))
-    untilted = WindowConfig("test", 8, train_windows=4000, width=8, layers=2, steps=2, architecture="conv", length=4)
-    torch.testing.assert_close(load_or_train(untilted, simulate, progress=False).log_tilt(z), torch.zeros(4000))
-    assert WindowConfig("lorenz63", 180, tail_quantile=0.9).key() == "a9a8fcf00d4b174f"  # no tilt: old key
-    assert WindowConfig("lorenz63", 180, tail_weight=10.0).key() != "a9a8fcf00d4b174f"
-    with pytest.raises(ValueError, match="tail_weight"):
-        WindowConfig("test", 8, tail_weight=0.5)
-
-
-def test_events_command_weights_a_tilted_denoiser_back(tmp_path, monkeypatch):
-    from densiformer.guidance.cli import run
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    tiny = {"steps": 10, "train_windows": 2000, "width": 8, "layers": 2, "tail_weight": 5.0}
-    with pytest.raises(ValueError, match="tail-tilted"):
-        run("lorenz63", num_samples=8, smc_particles=0, prob_samples=2, truth_windows=20_000, progress=False,
-            denoiser=tiny)
-    result = run("lorenz63", num_samples=64, smc_particles=16, truth_windows=20_000, progress=False, denoiser=tiny)
-    # E_model[1 / w] lies between 1 / tail_weight and 1, and the rows are all there.
-    assert 0.2 < result["tilt_normaliser"] < 1
-    assert [r["method"] for r in result["rows"]][-1] == "moment + SMC"
-    assert all(np.isfinite(r["p"]) and 0 <= r["p"] <= 1 for r in (result["rows"][0], result["rows"][-1]))
-
-
 def test_events_command_writes_the_table_and_histogram(tmp_path, monkeypatch):
     # The plumbing of `densiformer events` on a model trained for a few steps (the
     # statistics need the full run: benchmarks/bench_events.py); the simulator's event rate

@@ -90,8 +90,10 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
     denoiser: WindowConfig fields that override the system's (a smaller model for tests).
     device: where the denoiser trains and samples (the simulator's truth stays on the CPU).
     """
+    from scipy import stats
+
     from ..model.window_denoiser import WindowConfig, load_or_train
-    from .probability import estimate_from_log_ratios, flow_log_ratios, weighted_estimate
+    from .probability import binomial_estimate, estimate_from_log_ratios, flow_log_ratios
     from .scores import guided_eps_fn, sample_with_event
     from .smc import sample_twisted
 
@@ -99,9 +101,6 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
     system = _system(system_name, threshold)
     started = time.perf_counter()
     config = WindowConfig(system.name, system.module.DIM, **{**system.denoiser, **(denoiser or {})})
-    if config.tilted and prob_samples:
-        raise ValueError("the probability-flow P(E) (prob_samples) does not take a tail-tilted denoiser's "
-                         "weights; use the SMC rows")
     model = load_or_train(config, system.module.simulate, retrain=retrain, progress=progress, device=device)
     trained = time.perf_counter() - started
     truth_values = simulator_truth(system, truth_windows, seed + 7, progress)
@@ -116,12 +115,10 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
     k = system.module.DIM
     generator = torch.Generator(device).manual_seed(seed)
 
-    def satisfied_and_ks(z, untilt=True):
-        # A tail-tilted model's samples weigh 1 / w(z) each (untilt); SMC's come out untilted.
+    def satisfied_and_ks(z):
         c = constraint(system, system.fn(model.to_physical(z))).cpu().numpy()
         ok = c > 0
-        weights = (-model.log_tilt(z)).exp().cpu().numpy()[ok] if untilt and model.tilt is not None else None
-        ks = weighted_ks(c[ok], true_conditional, weights) if ok.sum() > 1 else None  # too few in E
+        ks = float(stats.ks_2samp(c[ok], true_conditional).statistic) if ok.sum() > 1 else None  # too few in E
         return c, float(ok.mean()), ks
 
     def draw(guidance, options, n):
@@ -134,10 +131,7 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
 
     draw("moment", None, 2)  # warm-up, so that the first timed method does not pay for it
     unguided, t_plain = draw(None, None, num_samples)
-    untilt = -model.log_tilt(unguided)  # zeros without a tilt
-    mc = weighted_estimate(event_z.indicator(unguided), untilt)
-    # E_model[1 / w], which turns SMC's E_model[1_E / w] into P(E) under the untilted model.
-    normaliser, normaliser_se = float(untilt.exp().mean()), float(untilt.exp().std() / len(untilt) ** 0.5)
+    mc = binomial_estimate(event_z.indicator(unguided))
     _, _, ks_unguided = satisfied_and_ks(unguided)
     rows = [{"method": "unguided", "satisfied": float(mc.p), "ks": ks_unguided, "p": float(mc.p),
              "p_se": float(mc.p_se), "p_estimator": "monte carlo", "ms_per_sample": 1e3 * t_plain}]
@@ -165,17 +159,14 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
     for guidance in smc_methods if smc_particles else ():
         t0 = time.perf_counter()
         result = sample_twisted(denoiser, schedule, event_z, (smc_particles, k), guidance=guidance,
-                                guidance_options=SMC_OPTIONS[guidance], generator=generator, device=device,
-                                log_weight=None if model.tilt is None else lambda z: -model.log_tilt(z))
+                                guidance_options=SMC_OPTIONS[guidance], generator=generator, device=device)
         if result.x.is_cuda:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - t0) / smc_particles
         label = f"{guidance} + SMC"
-        histograms[label], satisfied, ks = satisfied_and_ks(result.x, untilt=False)
-        p = float(result.p) / normaliser
-        p_se = float(np.hypot(float(result.p_se) / normaliser, p * normaliser_se / normaliser))
-        rows.append({"method": label, "satisfied": satisfied, "ks": ks, "p": p,
-                     "p_se": p_se, "p_estimator": "SMC", "ms_per_sample": 1e3 * seconds,
+        histograms[label], satisfied, ks = satisfied_and_ks(result.x)
+        rows.append({"method": label, "satisfied": satisfied, "ks": ks, "p": float(result.p),
+                     "p_se": float(result.p_se), "p_estimator": "SMC", "ms_per_sample": 1e3 * seconds,
                      "distinct": int(result.distinct.sum()), "particles": smc_particles,
                      "min_ess": result.min_ess, "resamplings": result.resamplings})
         if progress:
@@ -185,7 +176,6 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
     result = {"system": system.name, "threshold": system.threshold, "p_true": float(p_true),
               "p_true_se": float(p_true_se), "truth_windows": len(truth_c), "num_samples": num_samples,
               "smc_particles": smc_particles, "prob_samples": prob_samples, "train_seconds": model.seconds,
-              "tilt_normaliser": normaliser if model.tilt is not None else None,
               "setup_seconds": trained, "config": asdict(model.config), "config_key": model.config.key(),
               "rows": rows, "seconds": time.perf_counter() - started}
     print(format_table(result))
@@ -196,20 +186,6 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
         plot_histograms(histograms, true_conditional, out / f"events_{system.name}.png", system)
         print(f"table and histogram written to {out}")
     return result
-
-
-def weighted_ks(sample, reference, weights=None) -> float:
-    """Two-sample KS statistic of `sample` (with optional weights) against `reference`."""
-    sample, reference = np.asarray(sample, dtype=np.float64), np.asarray(reference, dtype=np.float64)
-    weights = np.ones(len(sample)) if weights is None else np.asarray(weights, dtype=np.float64)
-    order = np.argsort(sample)
-    sample, cdf = sample[order], np.cumsum(weights[order]) / weights.sum()
-    reference = np.sort(reference)
-    points = np.concatenate([sample, reference])
-    at = np.searchsorted(sample, points, side="right")
-    sample_cdf = np.where(at > 0, cdf[np.maximum(at - 1, 0)], 0.0)
-    reference_cdf = np.searchsorted(reference, points, side="right") / len(reference)
-    return float(np.abs(sample_cdf - reference_cdf).max())
 
 
 def format_table(result: dict) -> str:

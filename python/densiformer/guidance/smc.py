@@ -54,15 +54,11 @@ class TwistedSample(NamedTuple):
 def sample_twisted(denoiser, schedule: Schedule, event: Event, shape, *, guidance: str = "moment",
                    guidance_options: dict | None = None, prediction: str = "eps", steps: int = 100,
                    groups: int = GROUPS, ess_fraction: float = 0.5, generator: torch.Generator | None = None,
-                   dtype=torch.float32, device="cpu", log_weight=None) -> TwistedSample:
+                   dtype=torch.float32, device="cpu") -> TwistedSample:
     """Draw shape (..., n, k) samples of p(x | E) by twisted SMC on the DDPM sampler.
 
     The n particles of each batch entry are split into `groups` independent systems of
     n / groups (n must divide), which gives P(E) its standard error.
-    log_weight: None, or a function of the final x (..., k) -> (...) for a denoiser that
-    models a tilted density: the samples are then of p(x | E) ∝ p_model(x) exp(log_weight(x))
-    on E, and `p` estimates E_model[1_E exp(log_weight)] (divide by E_model[exp(log_weight)]
-    for the probability under the untilted density).
     """
     shape = tuple(shape)
     if len(shape) < 2 or groups < 1 or shape[-2] < 2 * groups or shape[-2] % groups:
@@ -117,8 +113,7 @@ def sample_twisted(denoiser, schedule: Schedule, event: Event, shape, *, guidanc
     # proposal: at the data end the guided Tweedie mean moves every x_1 onto the boundary.
     alpha_t, sigma_t = coefficients(lams[steps - 1])
     x = (x - sigma_t * eps_u) / alpha_t
-    final = -twist.double() if log_weight is None else (log_weight(x) - twist).double()
-    log_w = log_w + torch.where(event.indicator(x), final, -math.inf)
+    log_w = log_w + torch.where(event.indicator(x), -twist.double(), -math.inf)
     log_z, log_w, (x, origin) = _resample(log_z, log_w, (x, origin), generator)
     p_groups = log_z.exp()
     p = p_groups.mean(-1)

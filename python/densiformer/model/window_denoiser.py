@@ -90,27 +90,10 @@ class WindowConfig:
     # linear within about one scale of zero, logarithmic beyond, which brings rare large
     # excursions (FitzHugh-Nagumo's spikes, 8 sigma) within reach of the denoiser.
     asinh_scale: float = 0.0
-    # Tail tilt (1: off). The model learns p_w(x) ∝ w(x) p(x), where w rises smoothly from
-    # 1 to tail_weight for the training windows whose Mahalanobis distance (under the
-    # Gaussian fitted to them) lies beyond its tail_quantile; WindowModel.log_tilt gives
-    # log w for any window, so p(x) ∝ p_w(x) / w(x) is recovered exactly by importance
-    # weights (SMC's last weight, the Monte Carlo estimate). Why: a diffusion model fitted
-    # by squared error learns a 1% mode far out in the tail (FitzHugh-Nagumo's joint
-    # spikes, every one beyond the 98% quantile) at a fraction of its weight, because a
-    # small posterior probability of the mode costs the loss only its square.
-    tail_weight: float = 1.0
-    tail_quantile: float = 0.98
 
     def __post_init__(self):
         if not self.asinh_scale >= 0:
             raise ValueError(f"asinh_scale must be 0 (off) or positive, got {self.asinh_scale}")
-        if not (self.tail_weight >= 1 and 0 < self.tail_quantile < 1):
-            raise ValueError(f"need tail_weight >= 1 (1: off) and 0 < tail_quantile < 1, got {self.tail_weight}, "
-                             f"{self.tail_quantile}")
-
-    @property
-    def tilted(self) -> bool:
-        return self.tail_weight != 1.0
 
     def fields(self) -> dict:
         """The config as a dict, leaving out fields added later while they hold their
@@ -118,8 +101,6 @@ class WindowConfig:
         fields = asdict(self)
         if fields["asinh_scale"] == 0.0:
             del fields["asinh_scale"]
-        if not self.tilted:
-            del fields["tail_weight"], fields["tail_quantile"]
         return fields
 
     def key(self) -> str:
@@ -287,47 +268,15 @@ def build_denoiser(config: WindowConfig) -> nn.Module:
     raise ValueError(f"unknown architecture {config.architecture!r}; choose 'mlp' or 'conv'")
 
 
-# Width, in log squared Mahalanobis distance, of the tail tilt's smooth step.
-TILT_WIDTH = 0.25
-
-
-def mahalanobis2(z: torch.Tensor, mean: torch.Tensor, eigvec: torch.Tensor, eigval: torch.Tensor) -> torch.Tensor:
-    """Squared Mahalanobis distance of z (..., dim) under N(mean, U diag(eigval) U^T), with
-    the eigenvalues floored at 1e-3 of the largest (the near-deterministic modes would
-    otherwise make the distance of a generated window hinge on its rounding)."""
-    floor = eigval.clamp_min(1e-3 * float(eigval.max()))
-    return (((z - mean) @ eigvec) ** 2 / floor).sum(-1)
-
-
-def log_tail_weight(m2: torch.Tensor, log_threshold: float, weight: float) -> torch.Tensor:
-    """log w: w rises from 1 to `weight` around squared distance exp(log_threshold)."""
-    step = torch.sigmoid((m2.clamp_min(1e-30).log() - log_threshold) / TILT_WIDTH)
-    return torch.log1p((weight - 1) * step)
-
-
 class WindowModel:
     """A trained denoiser with its whitening: x = g^-1(mean + z @ basis.T), basis = U L^1/2,
-    g the asinh stretch where config.asinh_scale > 0 (else the identity). With a tail tilt
-    (config.tilted) the denoiser models p_w(z) ∝ w(z) p(z); log_tilt(z) = log w(z)."""
+    g the asinh stretch where config.asinh_scale > 0 (else the identity)."""
 
-    def __init__(self, config: WindowConfig, denoiser: WindowDenoiser, mean, basis, seconds: float,
-                 tilt: dict | None = None):
+    def __init__(self, config: WindowConfig, denoiser: WindowDenoiser, mean, basis, seconds: float):
         self.config, self.denoiser, self.seconds = config, denoiser.eval().requires_grad_(False), seconds
         self.mean = torch.as_tensor(np.asarray(mean), dtype=torch.float32)
         self.basis = torch.as_tensor(np.asarray(basis), dtype=torch.float32)
         self.schedule = get_schedule(config.schedule)
-        if config.tilted and tilt is None:
-            raise ValueError("a tilted config needs its tilt (the Gaussian and threshold it was trained with)")
-        self.tilt = None if tilt is None else {k: torch.as_tensor(np.asarray(v), dtype=torch.float32)
-                                               if k != "log_threshold" else float(v) for k, v in tilt.items()}
-
-    def log_tilt(self, z: torch.Tensor) -> torch.Tensor:
-        """log w(z) of the tail tilt for windows z (..., dim) in the model's coordinates; 0 without one."""
-        if self.tilt is None:
-            return z.new_zeros(z.shape[:-1])
-        t = self.tilt
-        m2 = mahalanobis2(z, t["mean"].to(z), t["eigvec"].to(z), t["eigval"].to(z))
-        return log_tail_weight(m2, t["log_threshold"], self.config.tail_weight)
 
     def to_physical(self, z: torch.Tensor) -> torch.Tensor:
         u = self.mean.to(z) + z @ self.basis.to(z).T
@@ -358,8 +307,7 @@ def load_or_train(config: WindowConfig, simulate, *, retrain: bool = False, prog
             denoiser = build_denoiser(config)
             denoiser.load_state_dict(load_file(str(path / "model.safetensors")))
             denoiser.to(device)
-            return WindowModel(config, denoiser, np.array(meta["mean"]), np.array(meta["basis"]), meta["seconds"],
-                               meta.get("tilt"))
+            return WindowModel(config, denoiser, np.array(meta["mean"]), np.array(meta["basis"]), meta["seconds"])
     data = np.asarray(simulate(config.train_windows, config.seed + 1), dtype=np.float64)
     if config.asinh_scale > 0:
         data = config.asinh_scale * np.arcsinh(data / config.asinh_scale)
@@ -376,43 +324,22 @@ def load_or_train(config: WindowConfig, simulate, *, retrain: bool = False, prog
         # slow ones (its 50% quantile of the Lorenz energy fell to the simulator's 10%).
         basis = eigvec * np.sqrt(np.maximum(eigval, config.variance_floor * eigval.max()))
     z = np.linalg.solve(basis, (data - mean).T).T.astype(np.float32)
-    tilt, weights = _fit_tilt(config, torch.from_numpy(z))
     started = time.perf_counter()
-    denoiser = train(config, torch.from_numpy(z), progress, device, weights)
+    denoiser = train(config, torch.from_numpy(z), progress, device)
     seconds = time.perf_counter() - started
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.cpu().contiguous() for k, v in denoiser.state_dict().items()}, str(path / "model.safetensors.tmp"))
     meta = {"config": config.fields(), "mean": mean.tolist(), "basis": basis.tolist(), "seconds": seconds,
             "command": f"densiformer events {config.system} --retrain"}
-    if tilt is not None:
-        meta["tilt"] = tilt
     (path / "config.json.tmp").write_text(json.dumps(meta, indent=2))
     os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
     os.replace(path / "config.json.tmp", path / "config.json")
-    return WindowModel(config, denoiser, mean, basis, seconds, tilt)
+    return WindowModel(config, denoiser, mean, basis, seconds)
 
 
-def _fit_tilt(config: WindowConfig, z: torch.Tensor):
-    """(tilt, weights): the Gaussian and threshold of the tail tilt fitted to the training
-    windows z, as JSON-ready lists, and each window's weight w; (None, None) without a tilt."""
-    if not config.tilted:
-        return None, None
-    mean = z.double().mean(0)
-    eigval, eigvec = torch.linalg.eigh(torch.cov(z.double().T))
-    eigval = eigval.clamp_min(0)
-    m2 = mahalanobis2(z.double(), mean, eigvec, eigval)
-    log_threshold = float(torch.quantile(m2, config.tail_quantile).log())
-    weights = log_tail_weight(m2, log_threshold, config.tail_weight).exp().float()
-    tilt = {"mean": mean.tolist(), "eigvec": eigvec.tolist(), "eigval": eigval.tolist(),
-            "log_threshold": log_threshold, "mean_weight": float(weights.mean())}
-    return tilt, weights
-
-
-def train(config: WindowConfig, z: torch.Tensor, progress: bool = True, device="cpu",
-          weights: torch.Tensor | None = None) -> nn.Module:
+def train(config: WindowConfig, z: torch.Tensor, progress: bool = True, device="cpu") -> nn.Module:
     """Train on standardised windows z (n, dim) for config.steps steps; returns the EMA model (on device).
 
-    weights: per-window sampling weights (the tail tilt), None for uniform batches.
     Batches, times and noise are drawn on the CPU from config.seed, then moved: the same
     config gives the same random stream on any device.
     """
@@ -433,9 +360,7 @@ def train(config: WindowConfig, z: torch.Tensor, progress: bool = True, device="
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / config.steps)))
     bar = tqdm(range(config.steps), disable=not progress, desc=f"training {config.system} denoiser", unit="step")
     for step in bar:
-        index = (torch.randint(len(z), (config.batch_size,), generator=generator) if weights is None else
-                 torch.multinomial(weights, config.batch_size, replacement=True, generator=generator))
-        x0 = z[index.to(device)]
+        x0 = z[torch.randint(len(z), (config.batch_size,), generator=generator).to(device)]
         # Stratified times, as in training.diffusion_loss.
         t = (torch.rand((), generator=generator) + torch.arange(config.batch_size) / config.batch_size) % 1.0
         log_snr = schedule.log_snr(t).float().to(device)
