@@ -54,9 +54,12 @@ class StartingAt(Schedule):
 def restart_rates(model, system, p_true, lams, n_in, n_out, generator, device) -> list[dict]:
     """Per starting log-SNR: the fraction of noised simulated windows, in E or not, that the
     model's DDPM chain brings back into E, and the P(E) they imply (see the module docstring)."""
-    windows = system.module.simulate(max(200_000, 50 * n_in), 99)
-    c = constraint(system, system.fn(torch.from_numpy(windows))).numpy()
-    starts = {"in": windows[c > 0][:n_in], "out": windows[c <= 0][:n_out]}
+    windows = torch.from_numpy(system.module.simulate(max(200_000, 50 * n_in), 99))
+    c = constraint(system, system.fn(windows))
+    basis, mean = model.basis.to(device), model.mean.to(device)
+    # The starts in the model's coordinates, once for every log-SNR.
+    starts = {name: torch.linalg.solve(basis, (x.to(device) - mean).T).T
+              for name, x in (("in", windows[c > 0][:n_in]), ("out", windows[c <= 0][:n_out]))}
     eps_fn = as_eps_fn(model.denoiser)
     rows = []
     for lam in lams:
@@ -64,9 +67,7 @@ def restart_rates(model, system, p_true, lams, n_in, n_out, generator, device) -
         steps = max(2, round(100 * t0))  # the 100-step chain's own grid spacing
         alpha, sigma = (float(v) for v in alpha_sigma(torch.tensor(lam, dtype=torch.float64)))
         ends = {}
-        for name, x in starts.items():
-            x = torch.from_numpy(x).to(device)
-            z0 = torch.linalg.solve(model.basis.to(device), (x - model.mean.to(device)).T).T
+        for name, z0 in starts.items():
             zt = alpha * z0 + sigma * torch.randn(z0.shape, generator=generator, device=device)
             with torch.no_grad():
                 z = samplers.sample("ddpm", eps_fn, zt, StartingAt(model.schedule, t0), steps, generator=generator)

@@ -90,16 +90,7 @@ stage_bench() {
     --backends cuda,cuda_bf16,triton,torch --out "$OUT_DIR/head_loop_gpu.json"
   step bench_head_compile 120 "$PY" benchmarks/bench_head_loop.py --device cuda --rounds 3 \
     --backends cuda,cuda_bf16,compile --out "$OUT_DIR/head_loop_gpu_compile.json"
-  if [ -f benchmarks/bench_attention.py ]; then
-    local marker="$OUT_DIR/.attention_start"
-    touch "$marker"
-    step bench_attention 80 "$PY" benchmarks/bench_attention.py
-    # It writes under benchmarks/results/; bring what it wrote along.
-    find benchmarks/results -maxdepth 1 -name '*.json' -newer "$marker" -exec cp {} "$OUT_DIR/" \;
-    rm -f "$marker"
-  else
-    echo "bench_attention: benchmarks/bench_attention.py is not there, skipped" | tee -a "$LOG" >>"$SUMMARY"
-  fi
+  step bench_attention 80 "$PY" benchmarks/bench_attention.py --out "$OUT_DIR/attention_gpu.json"
 }
 
 stage_events() {
