@@ -2,7 +2,7 @@
 
     python benchmarks/bench_window_tail.py fitzhugh-nagumo [--width 32] [--train-steps 3000]
         [--num-samples 4000] [--sampler ddpm --steps 100] [--thresholds 0.2,0.5,0.7]
-        [--restart=-8,-6,-5,-4,-2,0] [--out results.json]
+        [--restart=-8,-6,-5,-4,-2,0] [--empirical 20000] [--out results.json]
 
 SMC estimates the *model's* P(E) without bias, so the model's unguided tail sets how
 close any P(E) can get to the truth. This trains (or loads from the cache) the denoiser
@@ -19,6 +19,12 @@ in the event per starting class and the rate they imply,
 P(E) P(end in E | start in E) + (1 - P(E)) P(end in E | start out of E). An exact model
 gives the true P(E) from every lam; the lam where the implied rate falls is where the
 denoiser misses the event's mode.
+
+--empirical N replaces the network by the exact denoiser of N simulated windows
+(diffusion.empirical.EmpiricalDenoiser, windows standardised per channel): the sampler
+then runs without network error, so the gap between its event rate and the N windows'
+own rate (reported as "reference") is the sampler's alone. It costs N * dim * 4 flops per
+sample and step.
 """
 from __future__ import annotations
 
@@ -30,10 +36,11 @@ import torch
 from scipy import stats
 
 from densiformer.diffusion import samplers
+from densiformer.diffusion.empirical import EmpiricalDenoiser
 from densiformer.diffusion.schedules import Schedule, alpha_sigma
 from densiformer.guidance.cli import _system, constraint, simulator_truth
 from densiformer.guidance.scores import as_eps_fn
-from densiformer.model.window_denoiser import WindowConfig, load_or_train
+from densiformer.model.window_denoiser import WindowConfig, WindowModel, load_or_train
 
 from common import RESULTS, device_info, write_result
 
@@ -49,6 +56,18 @@ class StartingAt(Schedule):
 
     def time(self, log_snr):
         return self.base.time(log_snr) / self.t0
+
+
+def empirical_model(system, config: WindowConfig, n: int) -> tuple[WindowModel, np.ndarray]:
+    """A WindowModel whose denoiser is the exact one of n simulated windows (seed 123, apart
+    from the training and truth seeds), and those windows' event statistic."""
+    windows = np.asarray(system.module.simulate(n, 123), dtype=np.float64)
+    per_channel = windows.reshape(n, config.length, -1)
+    mean = np.tile(per_channel.mean((0, 1)), config.length)
+    std = np.tile(per_channel.std((0, 1)), config.length)
+    points = torch.from_numpy((windows - mean) / std).float()
+    model = WindowModel(config, EmpiricalDenoiser(points), mean, np.diag(std), 0.0)
+    return model, system.fn(torch.from_numpy(windows)).numpy()
 
 
 def restart_rates(model, system, p_true, lams, n_in, n_out, generator, device) -> list[dict]:
@@ -94,6 +113,8 @@ def main():
     parser.add_argument("--restart", default=None,
                         help="comma-separated starting log-SNRs for the restart diagnostic (write --restart=-8,-4)")
     parser.add_argument("--restart-windows", default="600,1500", help="simulated starts in E, out of E")
+    parser.add_argument("--empirical", type=int, default=None,
+                        help="use the exact denoiser of this many simulated windows instead of the network")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None)
@@ -102,7 +123,12 @@ def main():
     overrides = {k: v for k, v in (("width", args.width), ("steps", args.train_steps)) if v is not None}
     system = _system(args.system, None)
     config = WindowConfig(system.name, system.module.DIM, **{**system.denoiser, **overrides})
-    model = load_or_train(config, system.module.simulate, device=args.device)
+    reference = None  # the event statistic of the empirical denoiser's windows
+    if args.empirical:
+        model, reference = empirical_model(system, config, args.empirical)
+        model.denoiser.to(args.device)
+    else:
+        model = load_or_train(config, system.module.simulate, device=args.device)
     truth = simulator_truth(system, 1_000_000, 7, progress=True)  # the events command's (seed 0 + 7)
     generator = torch.Generator(args.device).manual_seed(args.seed)
 
@@ -126,16 +152,19 @@ def main():
         rows.append({"threshold": threshold, "p_model": p_model,
                      "p_model_se": float(np.sqrt(p_model * (1 - p_model) / len(values))),
                      "p_true": p_true, "ratio": p_model / p_true if p_true else float("nan"),
-                     "ks_in_event": ks_in_event})
+                     "ks_in_event": ks_in_event,
+                     "p_reference": None if reference is None else float((constraint(at, reference) > 0).mean())})
     ks = float(stats.ks_2samp(values, truth).statistic)
-    print(f"{args.system} {config.key()} ({overrides or 'defaults'}), {args.sampler} {args.steps} steps: KS of the "
-          f"event statistic {ks:.3f}, {args.num_samples} samples in {sample_seconds:.0f} s; training took "
-          f"{model.seconds / 60:.1f} min")
-    print(f"{'threshold':>10}{'model':>18}{'simulator':>11}{'ratio':>8}{'KS in E':>9}")
+    what = (f"the exact denoiser of {args.empirical} simulated windows" if args.empirical else
+            f"{config.key()} ({overrides or 'defaults'}), trained in {model.seconds / 60:.1f} min")
+    print(f"{args.system}, {what}, {args.sampler} {args.steps} steps: KS of the event statistic {ks:.3f}, "
+          f"{args.num_samples} samples in {sample_seconds:.0f} s")
+    print(f"{'threshold':>10}{'model':>18}{'simulator':>11}{'ratio':>8}{'KS in E':>9}"
+          + (f"{'reference':>11}" if args.empirical else ""))
     for r in rows:
         ks_in = "-" if r["ks_in_event"] is None else f"{r['ks_in_event']:.3f}"
         print(f"{r['threshold']:>10.3g}{r['p_model']:>11.4f} +- {r['p_model_se']:.4f}{r['p_true']:>11.4f}"
-              f"{r['ratio']:>8.2f}{ks_in:>9}")
+              f"{r['ratio']:>8.2f}{ks_in:>9}" + (f"{r['p_reference']:>11.4f}" if args.empirical else ""))
     restart = None
     if args.restart:
         n_in, n_out = (int(n) for n in args.restart_windows.split(","))
@@ -143,9 +172,10 @@ def main():
         restart = restart_rates(model, system, p_true, [float(v) for v in args.restart.split(",")], n_in, n_out,
                                 generator, args.device)
     tag = "_".join([f"{k}{v}" for k, v in overrides.items()]
+                   + ([f"empirical{args.empirical}"] if args.empirical else [])
                    + ([] if (args.sampler, args.steps) == ("ddpm", 100) else [f"{args.sampler}{args.steps}"]))
     write_result("window_tail", {"device": device_info(torch.device(args.device)), "system": args.system,
-                                 "config": config.fields(), "config_key": config.key(),
+                                 "config": config.fields(), "config_key": config.key(), "empirical": args.empirical,
                                  "train_seconds": model.seconds, "sampler": args.sampler, "steps": args.steps,
                                  "num_samples": args.num_samples, "ks_all": ks, "rows": rows, "restart": restart},
                  args.out or str(RESULTS / "events" / "tails" / f"{args.system}_{tag or 'defaults'}.json"))
