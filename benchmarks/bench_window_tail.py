@@ -1,8 +1,8 @@
 """How much unguided mass a window denoiser puts on an event's tail, and where it loses it.
 
-    python benchmarks/bench_window_tail.py fitzhugh-nagumo [--width 32] [--train-steps 3000]
+    python benchmarks/bench_window_tail.py fitzhugh-nagumo [--width 32] [--train-steps 3000] [--layers 8]
         [--num-samples 4000] [--sampler ddpm --steps 100] [--thresholds 0.2,0.5,0.7]
-        [--restart=-8,-6,-5,-4,-2,0] [--empirical 20000] [--out results.json]
+        [--restart=-8,-6,-5,-4,-2,0] [--empirical 20000] [--x0-check=-6,-4,-2,0,2] [--out results.json]
 
 SMC estimates the *model's* P(E) without bias, so the model's unguided tail sets how
 close any P(E) can get to the truth. This trains (or loads from the cache) the denoiser
@@ -25,6 +25,14 @@ denoiser misses the event's mode.
 then runs without network error, so the gap between its event rate and the N windows'
 own rate (reported as "reference") is the sampler's alone. It costs N * dim * 4 flops per
 sample and step.
+
+--x0-check LAMS compares the network's denoised estimate x0_hat with the posterior mean
+under 200,000 simulated windows (their exact denoiser, seed 123), on held-out windows in
+the event (at the first of --thresholds) and on windows at large, noised to each log-SNR: the mean squared error of
+each (model coordinates) and the fraction of x0_hats in the event. At the noise levels
+where the reference spreads its weight over many windows, its posterior mean is close to
+the true one, so a model error well above the reference's there is the network's.
+--num-samples 0 skips the unguided samples.
 """
 from __future__ import annotations
 
@@ -101,11 +109,45 @@ def restart_rates(model, system, p_true, lams, n_in, n_out, generator, device) -
     return rows
 
 
+def x0_check(model, system, lams, n_reference, n_queries, generator, device) -> list[dict]:
+    """Per log-SNR and query set (windows in E, any windows): the network's x0_hat against the
+    posterior mean under n_reference simulated windows (see the module docstring)."""
+    basis, mean = model.basis.to(device), model.mean.to(device)
+
+    def coordinates(x):
+        return torch.linalg.solve(basis, (x.to(device) - mean).T).T
+
+    reference = EmpiricalDenoiser(coordinates(torch.from_numpy(system.module.simulate(n_reference, 123))))
+    held_out = torch.from_numpy(system.module.simulate(max(20_000, 100 * n_queries), 99))
+    in_event = constraint(system, system.fn(held_out)) > 0
+    queries = {"in E": coordinates(held_out[in_event][:n_queries]), "any": coordinates(held_out[:n_queries])}
+    rows = []
+    for lam in lams:
+        log_snr = torch.tensor(lam, device=device)
+        alpha, sigma = (float(v) for v in alpha_sigma(log_snr.double()))
+        for name, z0 in queries.items():
+            zt = alpha * z0 + sigma * torch.randn(z0.shape, generator=generator, device=device)
+            with torch.no_grad():
+                x0_model = (zt - sigma * model.denoiser(zt, log_snr)) / alpha
+            x0_reference = reference.x0_hat(zt, log_snr)
+            row = {"log_snr": lam, "queries": name, "count": len(z0)}
+            for who, x0 in (("model", x0_model), ("reference", x0_reference)):
+                row[f"mse_{who}"] = float((x0 - z0).square().mean())
+                row[f"in_event_{who}"] = float((constraint(system, system.fn(model.to_physical(x0))) > 0).float().mean())
+            rows.append(row)
+            print(f"  log-SNR {lam:+5.1f}, {len(z0)} windows {name:>4}: MSE of x0_hat model {row['mse_model']:.4f}, "
+                  f"reference {row['mse_reference']:.4f} (ratio {row['mse_model'] / row['mse_reference']:.2f}); "
+                  f"x0_hat in E model {row['in_event_model']:.3f}, reference {row['in_event_reference']:.3f}",
+                  flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("system", choices=["lorenz63", "fitzhugh-nagumo"])
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--train-steps", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=None, help="residual blocks of the denoiser (default 8)")
     parser.add_argument("--num-samples", type=int, default=4000)
     parser.add_argument("--sampler", default="ddpm", help="ddpm (the events command's), ddim, dpmpp2m or heun")
     parser.add_argument("--steps", type=int, default=100)
@@ -115,12 +157,15 @@ def main():
     parser.add_argument("--restart-windows", default="600,1500", help="simulated starts in E, out of E")
     parser.add_argument("--empirical", type=int, default=None,
                         help="use the exact denoiser of this many simulated windows instead of the network")
+    parser.add_argument("--x0-check", default=None,
+                        help="comma-separated log-SNRs at which to compare x0_hat with the empirical posterior mean")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    overrides = {k: v for k, v in (("width", args.width), ("steps", args.train_steps)) if v is not None}
+    overrides = {k: v for k, v in (("width", args.width), ("steps", args.train_steps), ("layers", args.layers))
+                 if v is not None}
     system = _system(args.system, None)
     config = WindowConfig(system.name, system.module.DIM, **{**system.denoiser, **overrides})
     reference = None  # the event statistic of the empirical denoiser's windows
@@ -132,52 +177,58 @@ def main():
     truth = simulator_truth(system, 1_000_000, 7, progress=True)  # the events command's (seed 0 + 7)
     generator = torch.Generator(args.device).manual_seed(args.seed)
 
-    started = time.perf_counter()
-    noise = torch.randn((args.num_samples, system.module.DIM), generator=generator, device=args.device)
-    with torch.no_grad():
-        z = samplers.sample(args.sampler, as_eps_fn(model.denoiser), noise, model.schedule, args.steps,
-                            generator=generator)
-    values = system.fn(model.to_physical(z)).cpu().numpy()
-    sample_seconds = time.perf_counter() - started
-
     thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else [system.threshold]
-    rows = []
-    for threshold in thresholds:
-        at = _system(args.system, threshold)
-        c_model, c_true = constraint(at, values), constraint(at, truth)
-        p_model, p_true = float((c_model > 0).mean()), float((c_true > 0).mean())
-        # The shape of the model's conditional: C(x) of its samples in E against the simulator's.
-        ks_in_event = (float(stats.ks_2samp(c_model[c_model > 0], c_true[c_true > 0]).statistic)
-                       if (c_model > 0).sum() > 1 else None)
-        rows.append({"threshold": threshold, "p_model": p_model,
-                     "p_model_se": float(np.sqrt(p_model * (1 - p_model) / len(values))),
-                     "p_true": p_true, "ratio": p_model / p_true if p_true else float("nan"),
-                     "ks_in_event": ks_in_event,
-                     "p_reference": None if reference is None else float((constraint(at, reference) > 0).mean())})
-    ks = float(stats.ks_2samp(values, truth).statistic)
-    what = (f"the exact denoiser of {args.empirical} simulated windows" if args.empirical else
-            f"{config.key()} ({overrides or 'defaults'}), trained in {model.seconds / 60:.1f} min")
-    print(f"{args.system}, {what}, {args.sampler} {args.steps} steps: KS of the event statistic {ks:.3f}, "
-          f"{args.num_samples} samples in {sample_seconds:.0f} s")
-    print(f"{'threshold':>10}{'model':>18}{'simulator':>11}{'ratio':>8}{'KS in E':>9}"
-          + (f"{'reference':>11}" if args.empirical else ""))
-    for r in rows:
-        ks_in = "-" if r["ks_in_event"] is None else f"{r['ks_in_event']:.3f}"
-        print(f"{r['threshold']:>10.3g}{r['p_model']:>11.4f} +- {r['p_model_se']:.4f}{r['p_true']:>11.4f}"
-              f"{r['ratio']:>8.2f}{ks_in:>9}" + (f"{r['p_reference']:>11.4f}" if args.empirical else ""))
+    rows, ks = [], None
+    if args.num_samples > 0:
+        started = time.perf_counter()
+        noise = torch.randn((args.num_samples, system.module.DIM), generator=generator, device=args.device)
+        with torch.no_grad():
+            z = samplers.sample(args.sampler, as_eps_fn(model.denoiser), noise, model.schedule, args.steps,
+                                generator=generator)
+        values = system.fn(model.to_physical(z)).cpu().numpy()
+        sample_seconds = time.perf_counter() - started
+        for threshold in thresholds:
+            at = _system(args.system, threshold)
+            c_model, c_true = constraint(at, values), constraint(at, truth)
+            p_model, p_true = float((c_model > 0).mean()), float((c_true > 0).mean())
+            # The shape of the model's conditional: C(x) of its samples in E against the simulator's.
+            ks_in_event = (float(stats.ks_2samp(c_model[c_model > 0], c_true[c_true > 0]).statistic)
+                           if (c_model > 0).sum() > 1 else None)
+            rows.append({"threshold": threshold, "p_model": p_model,
+                         "p_model_se": float(np.sqrt(p_model * (1 - p_model) / len(values))),
+                         "p_true": p_true, "ratio": p_model / p_true if p_true else float("nan"),
+                         "ks_in_event": ks_in_event,
+                         "p_reference": None if reference is None else float((constraint(at, reference) > 0).mean())})
+        ks = float(stats.ks_2samp(values, truth).statistic)
+        what = (f"the exact denoiser of {args.empirical} simulated windows" if args.empirical else
+                f"{config.key()} ({overrides or 'defaults'}), trained in {model.seconds / 60:.1f} min")
+        print(f"{args.system}, {what}, {args.sampler} {args.steps} steps: KS of the event statistic {ks:.3f}, "
+              f"{args.num_samples} samples in {sample_seconds:.0f} s")
+        print(f"{'threshold':>10}{'model':>18}{'simulator':>11}{'ratio':>8}{'KS in E':>9}"
+              + (f"{'reference':>11}" if args.empirical else ""))
+        for r in rows:
+            ks_in = "-" if r["ks_in_event"] is None else f"{r['ks_in_event']:.3f}"
+            print(f"{r['threshold']:>10.3g}{r['p_model']:>11.4f} +- {r['p_model_se']:.4f}{r['p_true']:>11.4f}"
+                  f"{r['ratio']:>8.2f}{ks_in:>9}" + (f"{r['p_reference']:>11.4f}" if args.empirical else ""))
     restart = None
     if args.restart:
         n_in, n_out = (int(n) for n in args.restart_windows.split(","))
         p_true = float((constraint(system, truth) > 0).mean())
         restart = restart_rates(model, system, p_true, [float(v) for v in args.restart.split(",")], n_in, n_out,
                                 generator, args.device)
+    checks = None
+    if args.x0_check:
+        checks = x0_check(model, _system(args.system, thresholds[0]), [float(v) for v in args.x0_check.split(",")],
+                          200_000, 200, generator, args.device)
     tag = "_".join([f"{k}{v}" for k, v in overrides.items()]
                    + ([f"empirical{args.empirical}"] if args.empirical else [])
+                   + (["x0check"] if args.x0_check else [])
                    + ([] if (args.sampler, args.steps) == ("ddpm", 100) else [f"{args.sampler}{args.steps}"]))
     write_result("window_tail", {"device": device_info(torch.device(args.device)), "system": args.system,
                                  "config": config.fields(), "config_key": config.key(), "empirical": args.empirical,
                                  "train_seconds": model.seconds, "sampler": args.sampler, "steps": args.steps,
-                                 "num_samples": args.num_samples, "ks_all": ks, "rows": rows, "restart": restart},
+                                 "num_samples": args.num_samples, "ks_all": ks, "rows": rows, "restart": restart,
+                                 "x0_check": checks},
                  args.out or str(RESULTS / "events" / "tails" / f"{args.system}_{tag or 'defaults'}.json"))
 
 
