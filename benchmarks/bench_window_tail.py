@@ -28,10 +28,11 @@ sample and step.
 
 --x0-check LAMS compares the network's denoised estimate x0_hat with the posterior mean
 under 200,000 simulated windows (their exact denoiser, seed 123), on held-out windows in
-the event (at the first of --thresholds) and on windows at large, noised to each log-SNR: the mean squared error of
-each (model coordinates) and the fraction of x0_hats in the event. At the noise levels
-where the reference spreads its weight over many windows, its posterior mean is close to
-the true one, so a model error well above the reference's there is the network's.
+the event (at the first of --thresholds) and on windows at large, noised to each
+log-SNR: the mean squared error of each (model coordinates) and the fraction of x0_hats
+in the event. At the noise levels where the reference spreads its weight over many
+windows, its posterior mean is close to the true one, so a model error well above the
+reference's there is the network's.
 --num-samples 0 skips the unguided samples.
 """
 from __future__ import annotations

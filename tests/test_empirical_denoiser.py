@@ -12,7 +12,8 @@ from densiformer.diffusion.schedules import CosineSchedule, alpha_sigma
 def test_two_symmetric_points_match_the_tanh_posterior_mean():
     # Points +-m: p(+m | x) = sigmoid(2 alpha m x / sigma^2), so x0_hat = m tanh(alpha m x / sigma^2).
     m = 1.7
-    denoiser = EmpiricalDenoiser(torch.tensor([[m], [-m]], dtype=torch.float64), chunk=5)  # chunk < rows: exercises the chunking
+    # chunk 5 < 13 rows of x: exercises the chunking.
+    denoiser = EmpiricalDenoiser(torch.tensor([[m], [-m]], dtype=torch.float64), chunk=5)
     x = torch.linspace(-3, 3, 13, dtype=torch.float64)[:, None]
     for lam in (-6.0, -1.0, 0.5, 4.0):
         log_snr = torch.tensor(lam, dtype=torch.float64)
