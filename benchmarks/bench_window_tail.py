@@ -49,7 +49,7 @@ from densiformer.diffusion.empirical import EmpiricalDenoiser
 from densiformer.diffusion.schedules import Schedule, alpha_sigma
 from densiformer.guidance.cli import _system, constraint, simulator_truth
 from densiformer.guidance.scores import as_eps_fn
-from densiformer.model.window_denoiser import WindowConfig, WindowModel, load_or_train
+from densiformer.model.window_denoiser import WindowConfig, WindowModel, load_or_train, per_channel_standardisation
 
 from common import RESULTS, device_info, write_result
 
@@ -71,12 +71,15 @@ def empirical_model(system, config: WindowConfig, n: int) -> tuple[WindowModel, 
     """A WindowModel whose denoiser is the exact one of n simulated windows (seed 123, apart
     from the training and truth seeds), and those windows' event statistic."""
     windows = np.asarray(system.module.simulate(n, 123), dtype=np.float64)
-    per_channel = windows.reshape(n, config.length, -1)
-    mean = np.tile(per_channel.mean((0, 1)), config.length)
-    std = np.tile(per_channel.std((0, 1)), config.length)
-    points = torch.from_numpy((windows - mean) / std).float()
-    model = WindowModel(config, EmpiricalDenoiser(points), mean, np.diag(std), 0.0)
+    mean, basis = per_channel_standardisation(windows, config.length)
+    points = torch.from_numpy((windows - mean) / np.diag(basis)).float()
+    model = WindowModel(config, EmpiricalDenoiser(points), mean, basis, 0.0)
     return model, system.fn(torch.from_numpy(windows)).numpy()
+
+
+def in_event(model, system, z) -> float:
+    """The fraction of windows z (model coordinates) in the system's event."""
+    return float((constraint(system, system.fn(model.to_physical(z))) > 0).float().mean())
 
 
 def restart_rates(model, system, p_true, lams, n_in, n_out, generator, device) -> list[dict]:
@@ -84,9 +87,8 @@ def restart_rates(model, system, p_true, lams, n_in, n_out, generator, device) -
     model's DDPM chain brings back into E, and the P(E) they imply (see the module docstring)."""
     windows = torch.from_numpy(system.module.simulate(max(200_000, 50 * n_in), 99))
     c = constraint(system, system.fn(windows))
-    basis, mean = model.basis.to(device), model.mean.to(device)
     # The starts in the model's coordinates, once for every log-SNR.
-    starts = {name: torch.linalg.solve(basis, (x.to(device) - mean).T).T
+    starts = {name: model.from_physical(x.to(device))
               for name, x in (("in", windows[c > 0][:n_in]), ("out", windows[c <= 0][:n_out]))}
     eps_fn = as_eps_fn(model.denoiser)
     rows = []
@@ -99,7 +101,7 @@ def restart_rates(model, system, p_true, lams, n_in, n_out, generator, device) -
             zt = alpha * z0 + sigma * torch.randn(z0.shape, generator=generator, device=device)
             with torch.no_grad():
                 z = samplers.sample("ddpm", eps_fn, zt, StartingAt(model.schedule, t0), steps, generator=generator)
-            ends[name] = float((constraint(system, system.fn(model.to_physical(z))) > 0).float().mean())
+            ends[name] = in_event(model, system, z)
         implied = p_true * ends["in"] + (1 - p_true) * ends["out"]
         rows.append({"log_snr": lam, "steps": steps, "end_in_event_from_in": ends["in"],
                      "end_in_event_from_out": ends["out"], "implied_p": implied, "starts_in": len(starts["in"]),
@@ -113,15 +115,13 @@ def restart_rates(model, system, p_true, lams, n_in, n_out, generator, device) -
 def x0_check(model, system, lams, n_reference, n_queries, generator, device) -> list[dict]:
     """Per log-SNR and query set (windows in E, any windows): the network's x0_hat against the
     posterior mean under n_reference simulated windows (see the module docstring)."""
-    basis, mean = model.basis.to(device), model.mean.to(device)
-
     def coordinates(x):
-        return torch.linalg.solve(basis, (x.to(device) - mean).T).T
+        return model.from_physical(x.to(device))
 
     reference = EmpiricalDenoiser(coordinates(torch.from_numpy(system.module.simulate(n_reference, 123))))
     held_out = torch.from_numpy(system.module.simulate(max(20_000, 100 * n_queries), 99))
-    in_event = constraint(system, system.fn(held_out)) > 0
-    queries = {"in E": coordinates(held_out[in_event][:n_queries]), "any": coordinates(held_out[:n_queries])}
+    inside = constraint(system, system.fn(held_out)) > 0
+    queries = {"in E": coordinates(held_out[inside][:n_queries]), "any": coordinates(held_out[:n_queries])}
     rows = []
     for lam in lams:
         log_snr = torch.tensor(lam, device=device)
@@ -134,7 +134,7 @@ def x0_check(model, system, lams, n_reference, n_queries, generator, device) -> 
             row = {"log_snr": lam, "queries": name, "count": len(z0)}
             for who, x0 in (("model", x0_model), ("reference", x0_reference)):
                 row[f"mse_{who}"] = float((x0 - z0).square().mean())
-                row[f"in_event_{who}"] = float((constraint(system, system.fn(model.to_physical(x0))) > 0).float().mean())
+                row[f"in_event_{who}"] = in_event(model, system, x0)
             rows.append(row)
             print(f"  log-SNR {lam:+5.1f}, {len(z0)} windows {name:>4}: MSE of x0_hat model {row['mse_model']:.4f}, "
                   f"reference {row['mse_reference']:.4f} (ratio {row['mse_model'] / row['mse_reference']:.2f}); "

@@ -147,7 +147,7 @@ def test_window_denoiser_starts_as_the_exact_gaussian_denoiser(architecture):
 
 def test_window_model_asinh_stretch_round_trips_and_keeps_old_cache_keys(tmp_path, monkeypatch):
     # The stretched model trains on scale * asinh(x / scale) and maps back through sinh:
-    # to_physical must invert the stretch and the whitening exactly, including spikes
+    # to_physical (and from_physical back) must invert the stretch and the whitening exactly, including spikes
     # far out in the tail. Configs without the stretch keep the cache key they had
     # before the field existed (weights trained by earlier versions stay valid).
     from densiformer.model.window_denoiser import WindowConfig, load_or_train
@@ -167,6 +167,7 @@ def test_window_model_asinh_stretch_round_trips_and_keeps_old_cache_keys(tmp_pat
     u = 0.1 * torch.asinh(x / 0.1)
     z = torch.linalg.solve(model.basis.double(), (u - model.mean.double()).T).T
     torch.testing.assert_close(model.to_physical(z), x, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(model.from_physical(x), z, atol=1e-9, rtol=1e-9)
     assert load_or_train(config, simulate, progress=False).seconds == model.seconds  # from the cache
     assert WindowConfig("lorenz63", 180).key() == "a9a8fcf00d4b174f"
     assert WindowConfig("lorenz63", 180, asinh_scale=0.1).key() != "a9a8fcf00d4b174f"

@@ -283,6 +283,20 @@ class WindowModel:
         scale = self.config.asinh_scale
         return scale * torch.sinh(u / scale) if scale > 0 else u
 
+    def from_physical(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of to_physical: physical windows (..., dim) in the model's coordinates."""
+        scale = self.config.asinh_scale
+        u = scale * torch.asinh(x / scale) if scale > 0 else x
+        return torch.linalg.solve(self.basis.to(u), (u - self.mean.to(u)).mT).mT
+
+
+def per_channel_standardisation(data: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, basis) standardising each channel of time-major windows (n, length * channels)
+    over all windows and time steps: the time layout the convolutions work on."""
+    per_channel = data.reshape(len(data), length, -1)
+    mean = np.tile(per_channel.mean((0, 1)), length)
+    return mean, np.diag(np.tile(per_channel.std((0, 1)), length))
+
 
 def cache_dir() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -312,10 +326,7 @@ def load_or_train(config: WindowConfig, simulate, *, retrain: bool = False, prog
     if config.asinh_scale > 0:
         data = config.asinh_scale * np.arcsinh(data / config.asinh_scale)
     if config.architecture == "conv":
-        # Per-channel standardisation keeps the time layout the convolutions work on.
-        per_channel = data.reshape(len(data), config.length, -1)
-        mean = np.tile(per_channel.mean((0, 1)), config.length)
-        basis = np.diag(np.tile(per_channel.std((0, 1)), config.length))
+        mean, basis = per_channel_standardisation(data, config.length)
     else:
         mean = data.mean(0)
         eigval, eigvec = np.linalg.eigh(np.cov(data - mean, rowvar=False))
