@@ -191,6 +191,7 @@ def test_events_command_writes_the_table_and_histogram(tmp_path, monkeypatch):
     assert methods == ["unguided", "moment", "moment (std stopped)", "dps", "interval", "moment + SMC"]
     smc = result["rows"][-1]
     assert smc["particles"] == 16 and 1 <= smc["distinct"] <= 16 and smc["p_estimator"] == "SMC"
+    assert 0 < smc["ess"] <= 16
     saved = json.loads((tmp_path / "out" / "events_lorenz63.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
     assert (tmp_path / "out" / "events_lorenz63.png").stat().st_size > 10_000

@@ -19,7 +19,7 @@ from densiformer import events
 from densiformer.diffusion.schedules import CosineSchedule
 from densiformer.guidance import event_probability, monte_carlo_probability, sample_with_event
 from densiformer.guidance.scores import as_eps_fn, guided_eps_fn, log_ndtr_diff
-from densiformer.guidance.smc import sample_twisted
+from densiformer.guidance.smc import sample_twisted, weighted_ks
 
 TARGET = GaussianTarget([0.7, -1.2], [0.5, 1.8])
 SCHEDULE = CosineSchedule()
@@ -137,6 +137,31 @@ def test_twisted_smc_moment_matches_the_truncated_normal_and_p():
     assert (f > t).all()
     assert abs(float(r.p) / stats.norm.sf(2.0) - 1) < CHAIN_BIAS + 4 * float(r.p_se) / stats.norm.sf(2.0)
     assert stats.kstest(f, truth.cdf).statistic < ks_critical(int(r.distinct.sum()))
+    # The weighted particles before the last resampling: each group's weights sum to its
+    # P(E) estimate, those outside E weigh nothing, and they give the same conditional.
+    groups = torch.logsumexp(r.log_weights.reshape(4, -1), -1).exp()
+    torch.testing.assert_close(groups.mean(), r.p, rtol=1e-10, atol=0)
+    f_particles = f_sum(r.particles).numpy()
+    assert np.all(np.isneginf(r.log_weights.numpy()[f_particles <= t]))
+    assert 0 < float(r.ess) <= 2000
+    reference = truth.rvs(200_000, random_state=np.random.default_rng(1))
+    assert weighted_ks(f_particles, r.log_weights.numpy(), reference) < ks_critical(float(r.ess))
+
+
+def test_weighted_ks_is_the_two_sample_ks_of_repeated_values():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=300), rng.normal(0.3, 1.0, size=500)
+    assert weighted_ks(a, np.zeros(300), b) == pytest.approx(stats.ks_2samp(a, b).statistic, abs=1e-12)
+    # Integer weights are repetitions (ties included); -inf drops a value; the scale is free.
+    counts = rng.integers(0, 4, size=300)
+    log_w = np.where(counts > 0, np.log(np.maximum(counts, 1)) + 7.0, -np.inf)
+    a[::10] = a[1::10]  # ties
+    repeated = np.repeat(a, counts)
+    assert weighted_ks(a, log_w, b) == pytest.approx(stats.ks_2samp(repeated, b).statistic, abs=1e-12)
+    with pytest.raises(ValueError, match="finite weight"):
+        weighted_ks(a, np.full(300, -np.inf), b)
+    with pytest.raises(ValueError, match="same length"):
+        weighted_ks(a, np.zeros(299), b)
 
 
 def test_twisted_smc_corrects_a_weak_guidance():

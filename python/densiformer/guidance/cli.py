@@ -95,7 +95,7 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
     from ..model.window_denoiser import WindowConfig, load_or_train
     from .probability import binomial_estimate, estimate_from_log_ratios, flow_log_ratios
     from .scores import guided_eps_fn, sample_with_event
-    from .smc import sample_twisted
+    from .smc import sample_twisted, weighted_ks
 
     torch.manual_seed(seed)
     system = _system(system_name, threshold)
@@ -139,7 +139,8 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
     for guidance, options in METHODS:
         label = guidance + ("" if options.get("std_grad", True) else " (std stopped)")
         z, t_guided = draw(guidance, options, num_samples)
-        histograms[label], satisfied, ks = satisfied_and_ks(z)
+        c, satisfied, ks = satisfied_and_ks(z)
+        histograms[label] = (c, np.zeros(len(c)))  # (C(x), log weights)
         row = {"method": label, "satisfied": satisfied, "ks": ks, "p": float("nan"), "p_se": float("nan"),
                "ms_per_sample": 1e3 * t_guided}
         if prob_samples:
@@ -164,11 +165,18 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - t0) / smc_particles
         label = f"{guidance} + SMC"
-        histograms[label], satisfied, ks = satisfied_and_ks(result.x)
-        rows.append({"method": label, "satisfied": satisfied, "ks": ks, "p": float(result.p),
-                     "p_se": float(result.p_se), "p_estimator": "SMC", "ms_per_sample": 1e3 * seconds,
-                     "distinct": int(result.distinct.sum()), "particles": smc_particles,
-                     "min_ess": result.min_ess, "resamplings": result.resamplings})
+        _, satisfied, ks_resampled = satisfied_and_ks(result.x)
+        # The KS from the weighted particles before the last resampling: the same
+        # distribution as the resampled ones, without the resampling's duplicates.
+        c = constraint(system, system.fn(model.to_physical(result.particles))).cpu().numpy()
+        log_w = result.log_weights.cpu().numpy()
+        histograms[label] = (c, log_w)
+        ks = weighted_ks(c, log_w, true_conditional) if np.isfinite(log_w).any() else None
+        rows.append({"method": label, "satisfied": satisfied, "ks": ks, "ks_resampled": ks_resampled,
+                     "p": float(result.p), "p_se": float(result.p_se), "p_estimator": "SMC",
+                     "ms_per_sample": 1e3 * seconds, "distinct": int(result.distinct.sum()),
+                     "particles": smc_particles, "ess": float(result.ess), "min_ess": result.min_ess,
+                     "resamplings": result.resamplings})
         if progress:
             print(f"  {label}: done", flush=True)
     for row in rows:
@@ -193,23 +201,26 @@ def format_table(result: dict) -> str:
              f"({result['truth_windows']} simulated windows); {result['num_samples']} samples per plain method, "
              f"{result['smc_particles']} particles per SMC run",
              f"{'method':<24}{'satisfied':>10}{'KS':>7}{'P(E)':>24} {'(how)':<12}{'P(E) importance':>24}"
-             f"{'distinct':>9}{'ms/sample':>11}{'x unguided':>11}"]
+             f"{'distinct':>9}{'ESS':>7}{'ms/sample':>11}{'x unguided':>11}"]
     for r in result["rows"]:
         imp = f"{r['p_importance']:.4g} +- {r['p_importance_se']:.2g}" if "p_importance" in r else "-"
         p = f"{r['p']:.4g} +- {r['p_se']:.2g}" if np.isfinite(r["p"]) else "-"
         distinct = f"{r['distinct']}" if "distinct" in r else "-"
+        ess = f"{r['ess']:.0f}" if "ess" in r else "-"
         name = "unguided" if r["method"] == "unguided" else r["method"]
         ks = "-" if r["ks"] is None else f"{r['ks']:.3f}"
         lines.append(f"{name:<24}{r['satisfied']:>10.3f}{ks:>7}{p:>24} {r.get('p_estimator', ''):<12}"
-                     f"{imp:>24}{distinct:>9}{r['ms_per_sample']:>11.2f}{r['time_vs_unguided']:>11.1f}")
+                     f"{imp:>24}{distinct:>9}{ess:>7}{r['ms_per_sample']:>11.2f}{r['time_vs_unguided']:>11.1f}")
     lines.append("KS: C(x) of the samples in the event against the simulator's conditional (unguided: its own "
-                 "samples in the event); distinct: SMC particles with different ancestors at the start.")
+                 "samples in the event; SMC: its weighted particles before the last resampling); distinct: SMC "
+                 "particles with different ancestors at the start; ESS: effective size of those weights.")
     return "\n".join(lines)
 
 
 def plot_histograms(histograms: dict, true_conditional: np.ndarray, path: Path, system: System):
     """C(x) of each method's samples in the event against the simulator's conditional:
-    plain guidance on the left, inside the twisted SMC sampler on the right."""
+    plain guidance on the left, inside the twisted SMC sampler on the right (its weighted
+    particles). histograms: label -> (C(x), log weights)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -220,11 +231,13 @@ def plot_histograms(histograms: dict, true_conditional: np.ndarray, path: Path, 
     for i, (title, keep) in enumerate(panels):
         ax = fig.add_subplot(1, 2, i + 1)
         ax.hist(true_conditional, bins=bins, density=True, color="0.75", label="simulator, in event")
-        for label, c in histograms.items():
-            inside = c[(c > 0) & (c <= bins[-1])]
-            if keep(label) and len(inside) > 1:  # the samples in the event, as in the KS column
-                ax.hist(inside, bins=bins, density=True, histtype="step", linewidth=1.4,
-                        label=f"{label} ({(c > 0).mean():.0%} in E)")
+        for label, (c, log_w) in histograms.items():
+            shown = (c > 0) & (c <= bins[-1]) & np.isfinite(log_w)
+            if keep(label) and shown.sum() > 1:  # the samples in the event, as in the KS column
+                weights = np.exp(log_w[shown] - log_w[shown].max())
+                in_event = "all in E" if "SMC" in label else f"{(c > 0).mean():.0%} in E"
+                ax.hist(c[shown], bins=bins, weights=weights, density=True, histtype="step", linewidth=1.4,
+                        label=f"{label} ({in_event})")
         ax.set_xlabel("C(x)  (> 0: in the event)")
         ax.set_ylabel("density")
         ax.set_title(f"{system.name}: {title}")

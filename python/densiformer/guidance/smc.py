@@ -14,9 +14,12 @@ importance weights on a population of particles, using l_t as the twisting funct
 
 where p is the unguided DDPM transition, q the guided one (both Gaussian with the same
 variance, so the ratio is closed form), with systematic resampling whenever the effective
-sample size falls below `ess_fraction` of the particles. The output is unweighted (always
-resampled at the end): every sample lies in E, and as the particles grow the samples tend
-to the model's p(x | E) whatever the quality of l_t, which only sets the variance.
+sample size falls below `ess_fraction` of the particles. The output `x` is unweighted
+(always resampled at the end): every sample lies in E, and as the particles grow the
+samples tend to the model's p(x | E) whatever the quality of l_t, which only sets the
+variance. The weighted particles before that last resampling (`particles`,
+`log_weights`) describe the same distribution with less noise: estimate statistics of
+p(x | E) from them (e.g. `weighted_ks`), and use `x` where equal-weight draws are needed.
 
 The product of the mean incremental weights is an unbiased estimate of P(E) under the
 model (its DDPM discretisation). Its standard error comes from `groups` independent
@@ -49,6 +52,12 @@ class TwistedSample(NamedTuple):
     min_ess: float  # smallest effective sample size seen, as a fraction of a group's particles
     resamplings: int
     distinct: torch.Tensor  # distinct initial particles among the final ones, per group (..., groups)
+    particles: torch.Tensor  # (..., n, k) the final particles before the last resampling
+    # (..., n) their log weights: logsumexp over a group's particles is log of its P(E)
+    # estimate, so over all n (normalised) they weigh the groups by their estimates;
+    # -inf outside E.
+    log_weights: torch.Tensor
+    ess: torch.Tensor  # (...,) effective sample size of those weights over all n particles
 
 
 def sample_twisted(denoiser, schedule: Schedule, event: Event, shape, *, guidance: str = "moment",
@@ -114,6 +123,8 @@ def sample_twisted(denoiser, schedule: Schedule, event: Event, shape, *, guidanc
     alpha_t, sigma_t = coefficients(lams[steps - 1])
     x = (x - sigma_t * eps_u) / alpha_t
     log_w = log_w + torch.where(event.indicator(x), -twist.double(), -math.inf)
+    particles = x.reshape(shape)
+    log_weights = (log_z[..., None] + log_w - math.log(n // groups)).reshape(shape[:-1])
     log_z, log_w, (x, origin) = _resample(log_z, log_w, (x, origin), generator)
     p_groups = log_z.exp()
     p = p_groups.mean(-1)
@@ -121,7 +132,31 @@ def sample_twisted(denoiser, schedule: Schedule, event: Event, shape, *, guidanc
     p_se = p_groups.std(-1) / math.sqrt(groups) if groups > 1 else torch.full_like(p, math.nan)
     distinct = torch.tensor([len(torch.unique(o)) for o in origin.reshape(-1, origin.shape[-1])],
                             device=device).reshape(origin.shape[:-1])
-    return TwistedSample(x.reshape(shape), p, p_se, min_ess, resamplings, distinct)
+    ess = _ess_fraction(log_weights) * n
+    return TwistedSample(x.reshape(shape), p, p_se, min_ess, resamplings, distinct, particles, log_weights, ess)
+
+
+def weighted_ks(values, log_weights, reference) -> float:
+    """Two-sample KS statistic between weighted values (weights exp(log_weights), any
+    scale; -inf drops a value) and an unweighted reference sample: the largest gap
+    between the weighted and the reference empirical CDFs."""
+    import numpy as np
+
+    values, log_weights = np.asarray(values, dtype=np.float64), np.asarray(log_weights, dtype=np.float64)
+    reference = np.sort(np.asarray(reference, dtype=np.float64))
+    if values.shape != log_weights.shape or values.ndim != 1 or reference.ndim != 1:
+        raise ValueError("values and log_weights must be 1-D of the same length, reference 1-D")
+    keep = np.isfinite(log_weights)
+    if not keep.any() or len(reference) == 0:
+        raise ValueError("weighted_ks needs at least one finite weight and a non-empty reference")
+    values, w = values[keep], np.exp(log_weights[keep] - log_weights[keep].max())
+    order = np.argsort(values, kind="stable")
+    values, cdf = values[order], np.cumsum(w[order]) / w.sum()
+    # Both CDFs at every point of either sample (right-continuous: ties counted in).
+    points = np.concatenate([values, reference])
+    f_weighted = np.concatenate([[0.0], cdf])[np.searchsorted(values, points, side="right")]
+    f_reference = np.searchsorted(reference, points, side="right") / len(reference)
+    return float(np.abs(f_weighted - f_reference).max())
 
 
 def _ess_fraction(log_w: torch.Tensor) -> torch.Tensor:
