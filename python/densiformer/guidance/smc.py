@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from ..diffusion.samplers import log_snr_grid
@@ -140,8 +141,6 @@ def weighted_ks(values, log_weights, reference) -> float:
     """Two-sample KS statistic between weighted values (weights exp(log_weights), any
     scale; -inf drops a value) and an unweighted reference sample: the largest gap
     between the weighted and the reference empirical CDFs."""
-    import numpy as np
-
     values, log_weights = np.asarray(values, dtype=np.float64), np.asarray(log_weights, dtype=np.float64)
     reference = np.sort(np.asarray(reference, dtype=np.float64))
     if values.shape != log_weights.shape or values.ndim != 1 or reference.ndim != 1:
