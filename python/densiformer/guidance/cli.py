@@ -234,10 +234,10 @@ def plot_histograms(histograms: dict, true_conditional: np.ndarray, path: Path, 
         for label, (c, log_w) in histograms.items():
             shown = (c > 0) & (c <= bins[-1]) & np.isfinite(log_w)
             if keep(label) and shown.sum() > 1:  # the samples in the event, as in the KS column
-                weights = np.exp(log_w[shown] - log_w[shown].max())
-                in_event = "all in E" if "SMC" in label else f"{(c > 0).mean():.0%} in E"
-                ax.hist(c[shown], bins=bins, weights=weights, density=True, histtype="step", linewidth=1.4,
-                        label=f"{label} ({in_event})")
+                weights = np.exp(log_w - log_w[np.isfinite(log_w)].max())  # 0 where log_w is -inf
+                in_event = weights[c > 0].sum() / weights.sum()
+                ax.hist(c[shown], bins=bins, weights=weights[shown], density=True, histtype="step", linewidth=1.4,
+                        label=f"{label} ({in_event:.0%} in E)")
         ax.set_xlabel("C(x)  (> 0: in the event)")
         ax.set_ylabel("density")
         ax.set_title(f"{system.name}: {title}")
