@@ -35,15 +35,12 @@ def main():
     parser.add_argument("--truth-windows", type=int, default=1_000_000)
     parser.add_argument("--width", type=int, default=None, help="denoiser width (default: the CLI's, 32)")
     parser.add_argument("--train-steps", type=int, default=None, help="denoiser training steps (default 3000)")
-    parser.add_argument("--mixture-components", type=int, default=None,
-                        help="components of the Gaussian mixture under the network (default: the system's)")
     parser.add_argument("--threshold", type=float, default=None, help="event threshold (default: the system's)")
     parser.add_argument("--device", default="cpu", help="where the denoiser trains and samples")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    options = (("width", args.width), ("steps", args.train_steps), ("mixture_components", args.mixture_components),
-               ("threshold", args.threshold))
-    denoiser = {k: v for k, v in options[:3] if v is not None}
+    options = (("width", args.width), ("steps", args.train_steps), ("threshold", args.threshold))
+    denoiser = {k: v for k, v in options[:2] if v is not None}
     # Runs off the defaults get their own folder, e.g. results/events/width64_threshold0.25.
     tag = "_".join(f"{k}{v}" for k, v in options if v is not None)
     results = {name: run(name, out=RESULTS / "events" / tag,

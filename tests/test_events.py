@@ -145,39 +145,6 @@ def test_window_denoiser_starts_as_the_exact_gaussian_denoiser(architecture):
         assert (f == 0).all() and (c_out > 0).all()
 
 
-def test_conv_denoiser_on_a_mixture_starts_as_its_exact_denoiser_and_loads_old_weights():
-    # With a 2-component mixture prior the untrained convolution is the mixture's exact
-    # denoiser; and weights saved before the mixture (three Gaussian buffers) load into
-    # the one-component model and give the same outputs.
-    from densiformer.diffusion.schedules import alpha_sigma
-    from densiformer.model.window_denoiser import WindowConfig, build_denoiser
-
-    gen = torch.Generator().manual_seed(0)
-    data = torch.randn(3000, 12, generator=gen, dtype=torch.float64)
-    data[:300] += 6.0
-    net = build_denoiser(WindowConfig("test", 12, width=16, layers=2, architecture="conv", length=4,
-                                      mixture_components=2)).double()
-    net.set_data_moments(data)
-    assert sorted(net.prior.log_weights.exp().tolist()) == pytest.approx([0.1, 0.9], abs=1e-3)
-    z = 3 * torch.randn(5, 12, generator=gen, dtype=torch.float64)
-    for lam in (-6.0, 0.0, 6.0):
-        alpha, sigma = alpha_sigma(torch.tensor(lam, dtype=torch.float64))
-        expected = net.prior.posterior(z, alpha.expand(5, 1), sigma.expand(5, 1))[1]
-        torch.testing.assert_close(net(z, torch.tensor(lam, dtype=torch.float64)), expected)
-
-    single = build_denoiser(WindowConfig("test", 12, width=16, layers=2, architecture="conv", length=4)).double()
-    single.set_data_moments(data)
-    torch.nn.init.normal_(single.out.weight, generator=gen)  # a trained-looking network
-    old = {k: v for k, v in single.state_dict().items() if not k.startswith("prior.")}
-    old.update(data_mean=single.prior.means[0], eigvec=single.prior.eigvec[0], eigval=single.prior.eigval[0])
-    loaded = build_denoiser(WindowConfig("test", 12, width=16, layers=2, architecture="conv", length=4)).double()
-    loaded.load_state_dict(old)
-    log_snr = torch.tensor(-1.0, dtype=torch.float64)
-    torch.testing.assert_close(loaded(z, log_snr), single(z, log_snr), rtol=1e-12, atol=1e-12)
-    with pytest.raises(ValueError, match="mixture_components"):
-        WindowConfig("test", 12, mixture_components=2)  # the MLP has no mixture prior
-
-
 def test_window_model_asinh_stretch_round_trips_and_keeps_old_cache_keys(tmp_path, monkeypatch):
     # The stretched model trains on scale * asinh(x / scale) and maps back through sinh:
     # to_physical (and from_physical back) must invert the stretch and the whitening exactly, including spikes
@@ -204,8 +171,6 @@ def test_window_model_asinh_stretch_round_trips_and_keeps_old_cache_keys(tmp_pat
     assert load_or_train(config, simulate, progress=False).seconds == model.seconds  # from the cache
     assert WindowConfig("lorenz63", 180).key() == "a9a8fcf00d4b174f"
     assert WindowConfig("lorenz63", 180, asinh_scale=0.1).key() != "a9a8fcf00d4b174f"
-    assert WindowConfig("lorenz63", 180, architecture="conv", mixture_components=1).key() == \
-        WindowConfig("lorenz63", 180, architecture="conv").key()
     with pytest.raises(ValueError, match="asinh_scale"):
         WindowConfig("test", 8, asinh_scale=-1.0)
 

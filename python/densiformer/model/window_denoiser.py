@@ -66,7 +66,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..diffusion.mixture import GaussianMixturePrior
 from ..diffusion.schedules import alpha_sigma, get_schedule
 from .head import LOG_SNR_RANGE
 
@@ -93,25 +92,17 @@ class WindowConfig:
     # linear within about one scale of zero, logarithmic beyond, which brings rare large
     # excursions (FitzHugh-Nagumo's spikes, 8 sigma) within reach of the denoiser.
     asinh_scale: float = 0.0
-    # conv only: components of the Gaussian mixture under the network (diffusion.mixture);
-    # 1 is the single Gaussian skip. More give rare modes their data weight at high noise.
-    mixture_components: int = 1
 
     def __post_init__(self):
         if not self.asinh_scale >= 0:
             raise ValueError(f"asinh_scale must be 0 (off) or positive, got {self.asinh_scale}")
-        if self.mixture_components < 1:
-            raise ValueError(f"mixture_components must be at least 1, got {self.mixture_components}")
-        if self.mixture_components > 1 and self.architecture != "conv":
-            raise ValueError("mixture_components > 1 needs architecture='conv'")
 
     def fields(self) -> dict:
         """The config as a dict, leaving out fields added later while they hold their
         default, so that weights cached before them keep their key."""
         fields = asdict(self)
-        for name, default in (("asinh_scale", 0.0), ("mixture_components", 1)):
-            if fields[name] == default:
-                del fields[name]
+        if fields["asinh_scale"] == 0.0:
+            del fields["asinh_scale"]
         return fields
 
     def key(self) -> str:
@@ -152,8 +143,7 @@ class WindowDenoiser(nn.Module):
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
 
-    def set_data_moments(self, z, seed=0):
-        """The per-dimension mean and variance of z (seed: unused, they are exact)."""
+    def set_data_moments(self, z):
         self.data_mean.copy_(z.mean(0))
         self.data_var.copy_(z.var(0))
 
@@ -190,25 +180,26 @@ class WindowDenoiser(nn.Module):
 class ConvWindowDenoiser(nn.Module):
     """eps_hat(z, log_snr) on standardised windows z (..., length * channels), time-major.
 
-    On top of the exact denoiser of a Gaussian mixture fitted to the training windows
-    (diffusion.mixture; one component by default, the Gaussian skip), with the mixture's
-    overall covariance eigenvalues lam, alpha, sigma at log_snr and total = alpha^2 lam + sigma^2:
+    With the training windows' mean mu and covariance U diag(lam) U^T (stored as buffers),
+    alpha, sigma at log_snr and total = alpha^2 lam + sigma^2 per eigen-direction:
 
-        x0_hat = x0_prior + c_out * F(c_in (z - alpha mu), x0_prior, log_snr),
+        x0_hat = x0_gauss + c_out * F(c_in (z - alpha mu), x0_gauss, log_snr),
+        x0_gauss = mu + U diag(alpha lam / total) U^T (z - alpha mu),
         c_out = sigma * sqrt(mean(lam / total)),  c_in = mean(total)^-1/2,
 
-    where x0_prior is the mixture's exact posterior mean, mu its mean and the scalar c_out
-    the average posterior standard deviation of the Gaussian fitted to the data; F's
-    output convolution starts at zero, so the untrained network samples the mixture.
+    where x0_gauss is the exact posterior mean of N(mu, U lam U^T) and the scalar c_out
+    is its posterior's average standard deviation; F's output convolution starts at zero.
     """
 
-    def __init__(self, length, channels, width, blocks, time_features=32, components=1):
+    def __init__(self, length, channels, width, blocks, time_features=32):
         super().__init__()
         dim = length * channels
         self.length, self.channels = length, channels
         self.register_buffer("frequencies", math.pi * torch.logspace(0, math.log10(64), time_features // 2),
                              persistent=False)
-        self.prior = GaussianMixturePrior(components, dim)
+        self.register_buffer("data_mean", torch.zeros(dim))
+        self.register_buffer("eigvec", torch.eye(dim))
+        self.register_buffer("eigval", torch.ones(dim))
         self.time_mlp = nn.Sequential(nn.Linear(time_features, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU())
         self.stem = nn.Conv1d(2 * channels, width, 3, padding=1)
         dilations = [2 ** (i % 4) for i in range(blocks)]
@@ -222,18 +213,11 @@ class ConvWindowDenoiser(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def set_data_moments(self, z, seed=0):
-        """Fit the mixture prior to z (EM from `seed` when it has more than one component)."""
-        self.prior.fit(z, seed)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Weights cached before the mixture prior hold its single Gaussian as three buffers.
-        if prefix + "data_mean" in state_dict:
-            mean, vec, val = (state_dict.pop(prefix + n) for n in ("data_mean", "eigvec", "eigval"))
-            state_dict.update({prefix + "prior.log_weights": torch.zeros(1), prefix + "prior.means": mean[None],
-                               prefix + "prior.eigvec": vec[None], prefix + "prior.eigval": val[None],
-                               prefix + "prior.total_eigval": val})
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def set_data_moments(self, z):
+        self.data_mean.copy_(z.mean(0))
+        val, vec = torch.linalg.eigh(torch.cov(z.T.double()))
+        self.eigval.copy_(val.clamp_min(0).float())
+        self.eigvec.copy_(vec.float())
 
     def to_time(self, v):
         return v.reshape(*v.shape[:-1], self.length, self.channels).transpose(-1, -2)
@@ -254,26 +238,26 @@ class ConvWindowDenoiser(nn.Module):
         return out.transpose(-1, -2).reshape(u.shape)
 
     def _parts(self, z, log_snr):
-        """(alpha, sigma, spread, x0_prior, eps_prior, F): everything x0_hat and eps need; c_out = sigma spread."""
+        """(alpha, sigma, lam, total, U, coords, x0_gauss, F): everything x0_hat and eps need."""
         alpha, sigma = alpha_sigma(log_snr.to(z.dtype))
         alpha, sigma = alpha[..., None], sigma[..., None]
-        x0_prior, eps_prior, _ = self.prior.posterior(z, alpha, sigma)
-        lam = self.prior.total_eigval.to(z.dtype)
+        lam, U = self.eigval.to(z.dtype), self.eigvec.to(z.dtype)
         total = alpha**2 * lam + sigma**2
-        spread = (lam / total).mean(-1, keepdim=True).sqrt()
-        centred = z - alpha * (self.prior.log_weights.exp()[:, None] * self.prior.means).sum(0).to(z.dtype)
-        f = self.network(centred * total.mean(-1, keepdim=True).rsqrt(), x0_prior, log_snr)
-        return alpha, sigma, spread, x0_prior, eps_prior, f
+        centred = z - alpha * self.data_mean.to(z.dtype)
+        coords = centred @ U
+        x0_gauss = self.data_mean.to(z.dtype) + (coords * alpha * lam / total) @ U.T
+        f = self.network(centred * total.mean(-1, keepdim=True).rsqrt(), x0_gauss, log_snr)
+        return alpha, sigma, lam, total, U, coords, x0_gauss, f
 
     def x0_and_target_scale(self, z, log_snr):
-        """(x0_prior, c_out, F): the pieces of x0_hat = x0_prior + c_out F (training)."""
-        alpha, sigma, spread, x0_prior, eps_prior, f = self._parts(z, log_snr)
-        return x0_prior, sigma * spread, f
+        """(x0_gauss, c_out, F): the pieces of x0_hat = x0_gauss + c_out F (training)."""
+        alpha, sigma, lam, total, U, coords, x0_gauss, f = self._parts(z, log_snr)
+        return x0_gauss, sigma * (lam / total).mean(-1, keepdim=True).sqrt(), f
 
     def forward(self, z, log_snr):
-        # eps = (z - alpha x0_hat) / sigma = eps_prior - alpha spread F: no division by sigma.
-        alpha, sigma, spread, x0_prior, eps_prior, f = self._parts(z, log_snr)
-        return eps_prior - alpha * spread * f
+        # eps = (z - alpha x0_hat) / sigma, written without dividing by sigma.
+        alpha, sigma, lam, total, U, coords, x0_gauss, f = self._parts(z, log_snr)
+        return (coords * sigma / total) @ U.T - alpha * (lam / total).mean(-1, keepdim=True).sqrt() * f
 
 
 def build_denoiser(config: WindowConfig) -> nn.Module:
@@ -282,8 +266,7 @@ def build_denoiser(config: WindowConfig) -> nn.Module:
     if config.architecture == "conv":
         if config.length < 1 or config.dim % config.length:
             raise ValueError(f"conv needs a window length dividing dim {config.dim}, got {config.length}")
-        return ConvWindowDenoiser(config.length, config.dim // config.length, config.width, config.layers,
-                                  components=config.mixture_components)
+        return ConvWindowDenoiser(config.length, config.dim // config.length, config.width, config.layers)
     raise ValueError(f"unknown architecture {config.architecture!r}; choose 'mlp' or 'conv'")
 
 
@@ -379,7 +362,7 @@ def train(config: WindowConfig, z: torch.Tensor, progress: bool = True, device="
     generator = torch.Generator().manual_seed(config.seed)
     schedule = get_schedule(config.schedule)
     model = build_denoiser(config)
-    model.set_data_moments(z, config.seed)
+    model.set_data_moments(z)
     model.to(device)
     weight = z.var(0) / z.var(0).mean() if config.loss_weighting == "variance" else torch.ones(z.shape[-1])
     z, weight = z.to(device), weight.to(device)
