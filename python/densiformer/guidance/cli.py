@@ -41,7 +41,7 @@ def _system(name: str, threshold: float | None) -> System:
     if name == "lorenz63":
         return System(name, lorenz63, lorenz63.spectral_energy, "below",
                       lorenz63.DEFAULT_THRESHOLD if threshold is None else threshold,
-                      {"architecture": "conv", "length": lorenz63.STEPS, "width": 32, "layers": 8, "steps": 4500,
+                      {"architecture": "conv", "length": lorenz63.STEPS, "width": 32, "layers": 8, "steps": 3000,
                        "train_windows": 400_000})
     if name == "fitzhugh-nagumo":
         return System(name, fitzhugh_nagumo, fitzhugh_nagumo.max_mean_voltage, "above",
