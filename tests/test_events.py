@@ -112,9 +112,8 @@ def test_estimator_smc_sampling_and_probability_agree_with_monte_carlo(tiny_esti
         tiny_estimator.sample(inputs, request=["y"], num_samples=8, smc=True)
 
 
-@pytest.mark.parametrize("architecture, norm", [("mlp", "group"), ("conv", "group"), ("conv", "channel"),
-                                                ("conv", "none")])
-def test_window_denoiser_starts_as_the_exact_gaussian_denoiser(architecture, norm):
+@pytest.mark.parametrize("architecture", ["mlp", "conv"])
+def test_window_denoiser_starts_as_the_exact_gaussian_denoiser(architecture):
     # Untrained (zero output layer), the preconditioned denoiser is the exact eps of the
     # Gaussian fitted to its training windows, at every noise level: for N(mu, S),
     # eps = sigma (alpha^2 S + sigma^2 I)^-1 (z - alpha mu). The MLP fits a diagonal S
@@ -128,7 +127,7 @@ def test_window_denoiser_starts_as_the_exact_gaussian_denoiser(architecture, nor
     else:
         mix = torch.diag(torch.rand(12, generator=gen) + 0.05)
     data = torch.randn(4000, 12, generator=gen) @ mix.T + torch.randn(12, generator=gen)
-    net = build_denoiser(WindowConfig("test", 12, width=16, layers=2, architecture=architecture, length=4, norm=norm))
+    net = build_denoiser(WindowConfig("test", 12, width=16, layers=2, architecture=architecture, length=4))
     net.set_data_moments(data)
     mu, cov = data.mean(0), torch.cov(data.T)
     if architecture == "mlp":
@@ -172,10 +171,6 @@ def test_window_model_asinh_stretch_round_trips_and_keeps_old_cache_keys(tmp_pat
     assert load_or_train(config, simulate, progress=False).seconds == model.seconds  # from the cache
     assert WindowConfig("lorenz63", 180).key() == "a9a8fcf00d4b174f"
     assert WindowConfig("lorenz63", 180, asinh_scale=0.1).key() != "a9a8fcf00d4b174f"
-    assert WindowConfig("lorenz63", 180, norm="group").key() == "a9a8fcf00d4b174f"
-    assert WindowConfig("lorenz63", 180, norm="none").key() != "a9a8fcf00d4b174f"
-    with pytest.raises(ValueError, match="norm must be"):
-        WindowConfig("test", 8, norm="batch")
     with pytest.raises(ValueError, match="asinh_scale"):
         WindowConfig("test", 8, asinh_scale=-1.0)
 

@@ -70,9 +70,6 @@ from ..diffusion.schedules import alpha_sigma, get_schedule
 from .head import LOG_SNR_RANGE
 
 
-NORMS = ("group", "channel", "none")
-
-
 @dataclass(frozen=True)
 class WindowConfig:
     system: str  # "lorenz63" or "fitzhugh-nagumo"
@@ -95,22 +92,17 @@ class WindowConfig:
     # linear within about one scale of zero, logarithmic beyond, which brings rare large
     # excursions (FitzHugh-Nagumo's spikes, 8 sigma) within reach of the denoiser.
     asinh_scale: float = 0.0
-    # conv only: the normalisation in its blocks; see ConvWindowDenoiser.
-    norm: str = "group"
 
     def __post_init__(self):
         if not self.asinh_scale >= 0:
             raise ValueError(f"asinh_scale must be 0 (off) or positive, got {self.asinh_scale}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
 
     def fields(self) -> dict:
         """The config as a dict, leaving out fields added later while they hold their
         default, so that weights cached before them keep their key."""
         fields = asdict(self)
-        for name, default in (("asinh_scale", 0.0), ("norm", "group")):
-            if fields[name] == default:
-                del fields[name]
+        if fields["asinh_scale"] == 0.0:
+            del fields["asinh_scale"]
         return fields
 
     def key(self) -> str:
@@ -199,7 +191,7 @@ class ConvWindowDenoiser(nn.Module):
     is its posterior's average standard deviation; F's output convolution starts at zero.
     """
 
-    def __init__(self, length, channels, width, blocks, time_features=32, norm="group"):
+    def __init__(self, length, channels, width, blocks, time_features=32):
         super().__init__()
         dim = length * channels
         self.length, self.channels = length, channels
@@ -211,17 +203,13 @@ class ConvWindowDenoiser(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(time_features, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU())
         self.stem = nn.Conv1d(2 * channels, width, 3, padding=1)
         dilations = [2 ** (i % 4) for i in range(blocks)]
-        self.norm1 = nn.ModuleList(_norm(norm, width) for _ in dilations)
+        self.norm1 = nn.ModuleList(nn.GroupNorm(8, width) for _ in dilations)
         self.conv1 = nn.ModuleList(nn.Conv1d(width, width, 3, padding=d, dilation=d) for d in dilations)
-        self.norm2 = nn.ModuleList(_norm(norm, width) for _ in dilations)
+        self.norm2 = nn.ModuleList(nn.GroupNorm(8, width) for _ in dilations)
         self.film = nn.ModuleList(nn.Linear(width, 2 * width) for _ in dilations)
         self.conv2 = nn.ModuleList(nn.Conv1d(width, width, 3, padding=d, dilation=d) for d in dilations)
-        self.out_norm = _norm(norm, width)
+        self.out_norm = nn.GroupNorm(8, width)
         self.out = nn.Conv1d(width, channels, 3, padding=1)
-        if norm == "none":  # unnormalised residual blocks start as the identity
-            for conv in self.conv2:
-                nn.init.zeros_(conv.weight)
-                nn.init.zeros_(conv.bias)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -272,26 +260,13 @@ class ConvWindowDenoiser(nn.Module):
         return (coords * sigma / total) @ U.T - alpha * (lam / total).mean(-1, keepdim=True).sqrt() * f
 
 
-class ChannelNorm(nn.LayerNorm):
-    """LayerNorm over the channels at each time step of (batch, channels, time)."""
-
-    def forward(self, x):
-        return super().forward(x.transpose(-1, -2)).transpose(-1, -2)
-
-
-def _norm(kind: str, width: int) -> nn.Module:
-    return {"group": lambda: nn.GroupNorm(8, width), "channel": lambda: ChannelNorm(width),
-            "none": nn.Identity}[kind]()
-
-
 def build_denoiser(config: WindowConfig) -> nn.Module:
     if config.architecture == "mlp":
         return WindowDenoiser(config.dim, config.width, config.layers)
     if config.architecture == "conv":
         if config.length < 1 or config.dim % config.length:
             raise ValueError(f"conv needs a window length dividing dim {config.dim}, got {config.length}")
-        return ConvWindowDenoiser(config.length, config.dim // config.length, config.width, config.layers,
-                                  norm=config.norm)
+        return ConvWindowDenoiser(config.length, config.dim // config.length, config.width, config.layers)
     raise ValueError(f"unknown architecture {config.architecture!r}; choose 'mlp' or 'conv'")
 
 
