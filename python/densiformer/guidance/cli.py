@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -184,7 +184,7 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
     result = {"system": system.name, "threshold": system.threshold, "p_true": float(p_true),
               "p_true_se": float(p_true_se), "truth_windows": len(truth_c), "num_samples": num_samples,
               "smc_particles": smc_particles, "prob_samples": prob_samples, "train_seconds": model.seconds,
-              "setup_seconds": trained, "config": asdict(model.config), "config_key": model.config.key(),
+              "setup_seconds": trained, "config": model.config.fields(), "config_key": model.config.key(),
               "rows": rows, "seconds": time.perf_counter() - started}
     print(format_table(result))
     if out is not None:
