@@ -90,7 +90,10 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
     denoiser: WindowConfig fields that override the system's (a smaller model for tests).
     device: where the denoiser trains and samples (the simulator's truth stays on the CPU).
     """
-    from scipy import stats
+    try:
+        from scipy import stats
+    except ImportError as err:  # before any training: say how to get it
+        raise ValueError("densiformer events needs scipy: pip install 'densiformer[events]'") from err
 
     from ..model.window_denoiser import WindowConfig, load_or_train
     from .probability import binomial_estimate, estimate_from_log_ratios, flow_log_ratios
@@ -293,10 +296,6 @@ def _check_device(name: str) -> torch.device:
 
 
 def cmd_events(args) -> int:
-    try:
-        import scipy  # noqa: F401
-    except ImportError as err:
-        raise ValueError("densiformer events needs scipy: pip install 'densiformer[events]'") from err
     expected = {"lorenz63": "low-energy", "fitzhugh-nagumo": "spike"}[args.system]
     if args.event not in (None, expected):
         raise ValueError(f"{args.system} has the event {expected!r}, not {args.event!r}")
