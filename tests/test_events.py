@@ -188,7 +188,8 @@ def test_events_command_writes_the_table_and_histogram(tmp_path, monkeypatch):
                  progress=False, denoiser={"steps": 10, "train_windows": 2000, "width": 8, "layers": 2})
     assert abs(result["p_true"] - 0.0967) < 4 * result["p_true_se"] + 1e-3
     methods = [r["method"] for r in result["rows"]]
-    assert methods == ["unguided", "moment", "moment (std stopped)", "dps", "interval", "moment + SMC"]
+    assert methods == ["unguided", "moment", "moment (std stopped)", "moment (std stopped, 4 probe pairs)", "dps",
+                       "interval", "moment + SMC"]
     smc = result["rows"][-1]
     assert smc["particles"] == 16 and 1 <= smc["distinct"] <= 16 and smc["p_estimator"] == "SMC"
     assert 0 < smc["ess"] <= 16

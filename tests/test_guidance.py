@@ -16,9 +16,9 @@ from scipy import stats
 
 from analytic import GaussianTarget
 from densiformer import events
-from densiformer.diffusion.schedules import CosineSchedule
+from densiformer.diffusion.schedules import CosineSchedule, alpha_sigma
 from densiformer.guidance import event_probability, monte_carlo_probability, sample_with_event
-from densiformer.guidance.scores import as_eps_fn, guided_eps_fn, log_ndtr_diff
+from densiformer.guidance.scores import _log_likelihood, as_eps_fn, guidance_terms, guided_eps_fn, log_ndtr_diff
 from densiformer.guidance.smc import sample_twisted, weighted_ks
 
 TARGET = GaussianTarget([0.7, -1.2], [0.5, 1.8])
@@ -207,12 +207,57 @@ def test_log_ndtr_diff_in_both_tails():
     torch.testing.assert_close(log_ndtr_diff(a, b), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-9)
 
 
+def test_moment_probes_average_f_over_the_jacobian_spread():
+    """With probes, log p(E | x_t) is log Phi((mean_j f(x0_hat +- sigma J^T xi_j) - T) / s): checked
+    against the Gaussian's analytic Jacobian J = diag(alpha s_i^2 / (alpha^2 s_i^2 + sigma^2)), with the
+    xi_j redrawn from the same generator."""
+    pairs, threshold = 3, 4.0
+    ev = events.Above(lambda x: (x**2).sum(-1), threshold)  # convex: f(x0_hat) < E[f]
+    x = torch.tensor([[0.3, -1.0], [2.0, 0.5], [-1.5, 2.5]], dtype=torch.float64)
+    lam = torch.tensor(0.5, dtype=torch.float64)
+    terms = guidance_terms(TARGET.eps, ev, "moment", {"probes": pairs}, torch.Generator().manual_seed(3))
+    _, _, loglik = terms(x, lam)
+
+    alpha, sigma = alpha_sigma(lam)
+    var_prior = TARGET.std**2
+    jac = alpha * var_prior / (alpha**2 * var_prior + sigma**2)  # d x0_hat / d x_t, diagonal
+    x0 = (x - sigma * TARGET.eps(x, lam)) / alpha
+    gen = torch.Generator().manual_seed(3)
+    xis = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for _ in range(pairs)]
+    mean_f = torch.stack([((x0 + sign * sigma * jac * xi) ** 2).sum(-1) for xi in xis for sign in (1, -1)]).mean(0)
+    g = 2 * x0
+    std = torch.sqrt(sigma**2 / alpha * (g * jac * g).sum(-1))
+    torch.testing.assert_close(loglik, torch.special.log_ndtr((mean_f - threshold) / std), rtol=1e-10, atol=1e-12)
+    assert (mean_f > (x0**2).sum(-1)).all()  # the probes see the convex f's Jensen gap
+
+    # the probes come from the generator: same seed, same samples
+    same = [draw(ev, n=64, options={"probes": 2}, seed=5, steps=20) for _ in range(2)]
+    torch.testing.assert_close(same[0], same[1], rtol=0, atol=0)
+
+
+def test_moment_log_likelihood_gradient_far_outside_the_event():
+    """d/dv log Phi((T - v) / s) = -phi(u) / (s Phi(u)), u = (T - v) / s, down to u = -1e5 in float32
+    samples (torch's float32 log_ndtr gives 0.4 there instead of about 1e5)."""
+    atom = events.Below(f_sum, 0.0)
+    for u in (-5.0, -1e3, -1e4, -1e5):
+        std = 1e-3
+        value = torch.tensor([-u * std], dtype=torch.float32, requires_grad=True)
+        _log_likelihood(atom, value, torch.tensor([std**2], dtype=torch.float32)).sum().backward()
+        expected = -np.exp(stats.norm.logpdf(u) - stats.norm.logcdf(u)) / std
+        assert value.grad.item() == pytest.approx(expected, rel=1e-4), u
+
+
 def test_bad_inputs_raise_clear_errors():
     ev = events.Above(f_sum, 0.0)
     with pytest.raises(ValueError, match="unknown guidance"):
         guided_eps_fn(TARGET.eps, ev, "nope")
     with pytest.raises(ValueError, match="takes options"):
         guided_eps_fn(TARGET.eps, ev, "dps", {"sharpness": 1.0})
+    for probes in (-1, 1.5):
+        with pytest.raises(ValueError, match="probes must be"):
+            guided_eps_fn(TARGET.eps, ev, "moment", {"probes": probes})
+    with pytest.raises(ValueError, match="probes > 0 is random"):
+        event_probability(TARGET.eps, SCHEDULE, ev, (8, 2), guidance_options={"probes": 2}, dtype=torch.float64)
     with pytest.raises(TypeError, match="expected an event"):
         guided_eps_fn(TARGET.eps, lambda x: x, "moment")
     with pytest.raises(TypeError, match="callable"):
