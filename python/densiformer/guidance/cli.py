@@ -210,10 +210,11 @@ def _label(guidance: str, options: dict) -> str:
 
 
 def format_table(result: dict) -> str:
+    width = max(24, 2 + max(len(r["method"]) for r in result["rows"]))
     lines = [f"{result['system']}: P(E) true = {result['p_true']:.4g} +- {result['p_true_se']:.2g} "
              f"({result['truth_windows']} simulated windows); {result['num_samples']} samples per plain method, "
              f"{result['smc_particles']} particles per SMC run",
-             f"{'method':<24}{'satisfied':>10}{'KS':>7}{'P(E)':>24} {'(how)':<12}{'P(E) importance':>24}"
+             f"{'method':<{width}}{'satisfied':>10}{'KS':>7}{'P(E)':>24} {'(how)':<12}{'P(E) importance':>24}"
              f"{'distinct':>9}{'ESS':>7}{'ms/sample':>11}{'x unguided':>11}"]
     for r in result["rows"]:
         imp = f"{r['p_importance']:.4g} +- {r['p_importance_se']:.2g}" if "p_importance" in r else "-"
@@ -222,7 +223,7 @@ def format_table(result: dict) -> str:
         ess = f"{r['ess']:.0f}" if "ess" in r else "-"
         name = "unguided" if r["method"] == "unguided" else r["method"]
         ks = "-" if r["ks"] is None else f"{r['ks']:.3f}"
-        lines.append(f"{name:<24}{r['satisfied']:>10.3f}{ks:>7}{p:>24} {r.get('p_estimator', ''):<12}"
+        lines.append(f"{name:<{width}}{r['satisfied']:>10.3f}{ks:>7}{p:>24} {r.get('p_estimator', ''):<12}"
                      f"{imp:>24}{distinct:>9}{ess:>7}{r['ms_per_sample']:>11.2f}{r['time_vs_unguided']:>11.1f}")
     lines.append("KS: C(x) of the samples in the event against the simulator's conditional (unguided: its own "
                  "samples in the event; SMC: its weighted particles before the last resampling); distinct: SMC "
