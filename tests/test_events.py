@@ -64,6 +64,11 @@ def test_estimator_samples_conditioned_on_an_event(tiny_estimator):
     high = tiny_estimator.sample(inputs, request=["z"], num_samples=100, steps=40,
                                  event=dfm.events.Above(lambda x: x[..., 0], 13.0))
     assert (high > 13.0).mean() > 0.95
+    # with probes: seeded (the probes come from the batch's generator) and in the event
+    probed = [tiny_estimator.sample(inputs, request=["y", "z"], num_samples=200, event=ev, seed=3, steps=40,
+                                    guidance_options={"std_grad": False, "probes": 2}) for _ in range(2)]
+    np.testing.assert_array_equal(probed[0], probed[1])
+    assert inside(probed[0]).mean() > 0.95
     with pytest.raises(ValueError, match="unknown guidance"):
         tiny_estimator.sample(inputs, request=["y"], num_samples=4, event=ev, guidance="magic")
     with pytest.raises(TypeError, match="expected an event"):
@@ -86,6 +91,8 @@ def test_estimator_event_probability(tiny_estimator):
     np.testing.assert_allclose(np.exp(log_p), p, rtol=1e-6)
     with pytest.raises(ValueError, match="unknown estimator"):
         tiny_estimator.event_probability(inputs, request=["y"], event=ev, estimator="guess")
+    with pytest.raises(ValueError, match="probes > 0 is random"):
+        tiny_estimator.event_probability(inputs, request=["y"], event=ev, guidance_options={"probes": 2}, **fast)
 
 
 def test_estimator_smc_sampling_and_probability_agree_with_monte_carlo(tiny_estimator):

@@ -23,9 +23,10 @@ in data units.
     `probes` (default 0, the paper's linearisation) replaces f(x0_hat) by the mean of f
     over x0_hat +- sigma J^T xi_j, j = 1..probes, xi_j ~ N(0, I) (antithetic pairs, one
     VJP each; s as above). For a convex f, f(x0_hat) lies below E[f(x0) | x_t] (Jensen):
-    the Lorenz spectral energy of the blurred Tweedie mean at log-SNR -4 is 1.1 below the
-    energy of the windows the sampler goes on to draw, so the paper's p(E | x_t) reads 0.5
-    where it is 0.09, and guidance idles while the trajectory is still steerable. The
+    the Lorenz spectral energy of the blurred Tweedie mean at log-SNR -3.6 is 0.97 below
+    the energy of the windows the model goes on to draw from there, so the paper's
+    p(E | x_t) reads 0.50 where the model's own is 0.13, and guidance idles while the
+    trajectory is still steerable (probes: 0.27; benchmarks/bench_moment_calibration.py). The
     probes' covariance sigma^2 J J^T is Sigma where the prior is flat and smaller where it
     is not (benchmarks/results/events/probes). The probes make the guided field random:
     the probability-flow ODE refuses them.
@@ -152,7 +153,7 @@ def guidance_terms(eps_fn, event: Event, guidance: str = "moment", options: dict
 
 
 def _probe_points(xt, x0, sigma, pairs, generator):
-    """x0_hat +- sigma J^T xi_j, (2 pairs, ..., k): the offsets are constants, so the points
+    """x0_hat +- sigma J^T xi_j, shape (2 * pairs, ..., k): the offsets are constants, so the points
     move with x_t as x0_hat does."""
     offsets = []
     for _ in range(pairs):
@@ -194,7 +195,7 @@ def _log_likelihood(atom, value, var):
         return -0.5 * (value - atom.target) ** 2 / total - 0.5 * torch.log(2 * math.pi * total)
     # float64: torch's float32 log_ndtr has a wrong gradient far in the lower tail (2.13:
     # 6.5e4 at u = -1e4 and 0.4 at -1e5, for about -u), which is where a sample outside
-    # the event sits at low noise (tests/test_events.py).
+    # the event sits at low noise (tests/test_guidance.py).
     dtype, value, std = value.dtype, value.double(), var.double().sqrt()
     if math.isinf(atom.lo):
         out = torch.special.log_ndtr((atom.hi - value) / std)
