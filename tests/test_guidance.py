@@ -256,6 +256,8 @@ def test_bad_inputs_raise_clear_errors():
     for probes in (-1, 1.5):
         with pytest.raises(ValueError, match="probes must be"):
             guided_eps_fn(TARGET.eps, ev, "moment", {"probes": probes})
+        with pytest.raises(ValueError, match="probes must be"):
+            event_probability(TARGET.eps, SCHEDULE, ev, (8, 2), guidance_options={"probes": probes})
     with pytest.raises(ValueError, match="probes > 0 is random"):
         event_probability(TARGET.eps, SCHEDULE, ev, (8, 2), guidance_options={"probes": 2}, dtype=torch.float64)
     with pytest.raises(TypeError, match="expected an event"):

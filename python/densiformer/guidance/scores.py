@@ -83,6 +83,9 @@ def check_guidance(guidance: str, options: dict | None) -> dict:
     unknown = set(options) - set(_OPTIONS[guidance])
     if unknown:
         raise ValueError(f"guidance {guidance!r} takes options {sorted(_OPTIONS[guidance])}, got {sorted(unknown)}")
+    probes = options.get("probes", 0)
+    if not isinstance(probes, int) or probes < 0:
+        raise ValueError(f"probes must be a non-negative int, got {probes!r}")
     return {**_OPTIONS[guidance], **options}
 
 
@@ -115,8 +118,6 @@ def guidance_terms(eps_fn, event: Event, guidance: str = "moment", options: dict
     options = check_guidance(guidance, options)
     atoms = event.atoms()
     probes = options.get("probes", 0)
-    if not isinstance(probes, int) or probes < 0:
-        raise ValueError(f"probes must be a non-negative int, got {probes!r}")
 
     def terms(x, log_snr):
         keep_graph = x.requires_grad and torch.is_grad_enabled()
