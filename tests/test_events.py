@@ -64,11 +64,10 @@ def test_estimator_samples_conditioned_on_an_event(tiny_estimator):
     high = tiny_estimator.sample(inputs, request=["z"], num_samples=100, steps=40,
                                  event=dfm.events.Above(lambda x: x[..., 0], 13.0))
     assert (high > 13.0).mean() > 0.95
-    # with probes: seeded (the probes come from the batch's generator) and in the event
-    probed = [tiny_estimator.sample(inputs, request=["y", "z"], num_samples=200, event=ev, seed=3, steps=40,
-                                    guidance_options={"std_grad": False, "probes": 2}) for _ in range(2)]
-    np.testing.assert_array_equal(probed[0], probed[1])
-    assert inside(probed[0]).mean() > 0.95
+    # with the lookahead step (a second denoiser call on the rows' conditional model)
+    ahead = tiny_estimator.sample(inputs, request=["y", "z"], num_samples=200, event=ev, seed=3, steps=40,
+                                  guidance_options={"std_grad": False, "lookahead": 4.0})
+    assert inside(ahead).mean() > 0.95
     with pytest.raises(ValueError, match="unknown guidance"):
         tiny_estimator.sample(inputs, request=["y"], num_samples=4, event=ev, guidance="magic")
     with pytest.raises(TypeError, match="expected an event"):
@@ -91,8 +90,10 @@ def test_estimator_event_probability(tiny_estimator):
     np.testing.assert_allclose(np.exp(log_p), p, rtol=1e-6)
     with pytest.raises(ValueError, match="unknown estimator"):
         tiny_estimator.event_probability(inputs, request=["y"], event=ev, estimator="guess")
-    with pytest.raises(ValueError, match="probes > 0 is random"):
-        tiny_estimator.event_probability(inputs, request=["y"], event=ev, guidance_options={"probes": 2}, **fast)
+    # the lookahead field is deterministic: the probability-flow ODE takes it (and its divergence)
+    p_ahead, se_ahead = tiny_estimator.event_probability(inputs, request=["y"], event=ev,
+                                                         guidance_options={"lookahead": 4.0}, **fast)
+    assert np.all(np.isfinite(p_ahead)) and np.all(se_ahead > 0)
 
 
 def test_estimator_smc_sampling_and_probability_agree_with_monte_carlo(tiny_estimator):
@@ -195,8 +196,8 @@ def test_events_command_writes_the_table_and_histogram(tmp_path, monkeypatch):
                  progress=False, denoiser={"steps": 10, "train_windows": 2000, "width": 8, "layers": 2})
     assert abs(result["p_true"] - 0.0967) < 4 * result["p_true_se"] + 1e-3
     methods = [r["method"] for r in result["rows"]]
-    assert methods == ["unguided", "moment", "moment (std stopped)", "moment (std stopped, 4 probe pairs)", "dps",
-                       "interval", "moment + SMC"]
+    assert methods == ["unguided", "moment", "moment (std stopped)", "moment (lookahead 4)",
+                       "moment (std stopped, lookahead 4)", "dps", "interval", "moment + SMC"]
     smc = result["rows"][-1]
     assert smc["particles"] == 16 and 1 <= smc["distinct"] <= 16 and smc["p_estimator"] == "SMC"
     assert 0 < smc["ess"] <= 16

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ..diffusion import samplers
 from .events import as_event
 from .probability import ESTIMATORS, binomial_estimate, estimate_from_log_ratios, log_ratios
-from .scores import check_deterministic, check_guidance, guided_eps_fn
+from .scores import check_guidance, guided_eps_fn
 from .smc import GROUPS as SMC_GROUPS
 from .smc import sample_twisted
 
@@ -53,7 +53,7 @@ def _draw(est, cond, request_idx, num_samples, event_z, guidance, options, sampl
     """Guided samples (rows, num_samples, k) in normalised units; noise seeded per batch."""
     eps_fn = est._denoiser(cond[:, None, :], request_idx)
     generator = torch.Generator(est.device).manual_seed(_batch_seed(seed, start))
-    guided = guided_eps_fn(eps_fn, event_z, guidance, options, generator) if guidance is not None else eps_fn
+    guided = guided_eps_fn(eps_fn, event_z, guidance, options) if guidance is not None else eps_fn
     noise = torch.randn(len(cond), num_samples, len(request_idx), generator=generator, device=est.device)
     with torch.no_grad():
         return eps_fn, guided, samplers.sample(sampler, guided, noise, _schedule(est, sampler), steps,
@@ -107,8 +107,6 @@ def event_probability(est, values, request, event, num_samples, guidance, option
         raise ValueError(f"estimator 'smc' needs num_samples a multiple of {SMC_GROUPS} and at least "
                          f"{2 * SMC_GROUPS}, got {num_samples}")
     options = check_guidance(guidance, options)
-    if estimator in ESTIMATORS:  # the probability-flow ODE: a deterministic guided field
-        check_deterministic(guidance, options)
     sampler, steps = sampler or GUIDED_SAMPLER, steps or GUIDED_STEPS
     samplers.nfe(sampler, steps)
     request_idx = [est.targets.index(r) for r in request]

@@ -28,7 +28,7 @@ import torch
 from ..diffusion import likelihood, samplers
 from ..diffusion.schedules import Schedule
 from .events import Event, as_event
-from .scores import as_eps_fn, check_deterministic, guided_eps_fn
+from .scores import as_eps_fn, guided_eps_fn
 
 ESTIMATORS = ("direct", "importance")
 # The guided field is stiff near the data end (its barrier sharpens as the noise falls),
@@ -169,7 +169,6 @@ def event_probability(denoiser, schedule: Schedule, event: Event, shape, *, guid
     event = as_event(event)
     if len(shape) < 2 or shape[-2] < 2:
         raise ValueError(f"shape must be (..., num_samples, k) with at least 2 samples, got {tuple(shape)}")
-    check_deterministic(guidance, guidance_options)
     eps_fn = as_eps_fn(denoiser, prediction)
     guided = guided_eps_fn(eps_fn, event, guidance, guidance_options)
     noise = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)

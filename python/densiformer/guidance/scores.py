@@ -20,16 +20,18 @@ in data units.
     conjunction sums the terms. Options: `std_grad` (default True, as in the paper)
     differentiates through s; False holds s fixed, so the gradient is
     sum_e dL_e/df * J^T g_e, from the products already computed: no second-order pass.
-    `probes` (default 0, the paper's linearisation) replaces f(x0_hat) by the mean of f
-    over x0_hat +- sigma J^T xi_j, j = 1..probes, xi_j ~ N(0, I) (antithetic pairs, one
-    VJP each; s as above). For a convex f, f(x0_hat) lies below E[f(x0) | x_t] (Jensen):
-    the Lorenz spectral energy of the blurred Tweedie mean at log-SNR -3.6 is 0.97 below
-    the energy of the windows the model goes on to draw from there, so the paper's
-    p(E | x_t) reads 0.50 where the model's own is 0.13, and guidance idles while the
-    trajectory is still steerable (probes: 0.27; benchmarks/bench_moment_calibration.py). The
-    probes' covariance sigma^2 J J^T is Sigma where the prior is flat and smaller where it
-    is not (benchmarks/results/events/probes). The probes make the guided field random:
-    the probability-flow ODE refuses them.
+    `lookahead` (default 0: the paper's method) states f and its gradient at the denoiser's
+    estimate one deterministic step closer to the data instead of at x0_hat: x_1 =
+    alpha_1 x0_hat + sigma_1 eps_hat (a DDIM step to log-SNR lambda_t + lookahead), and
+    x0_ahead = (x_1 - sigma_1 eps_hat(x_1)) / alpha_1; s stays the linearisation at x0_hat.
+    One more denoiser call, differentiated through. Why: x0_hat is the posterior mean, a
+    blurred window at high noise, and for a convex f (the Lorenz spectral energy) f(x0_hat)
+    lies well below E[f(x0) | x_t] (Jensen). At log-SNR -3.6 the paper's p(E | x_t) reads
+    0.50 where the model's own, from unguided continuations, is 0.13, so guidance idles
+    while the trajectory can still be steered; x0_ahead is sharp and reads 0.10
+    (benchmarks/bench_moment_calibration.py). Too long a step lands at low noise, where
+    the denoiser returns its blurred input: lookahead 4 (to log-SNR -0.9 from -4.9) is the
+    measured best on Lorenz-63 (benchmarks/results/events/lookahead).
 "dps": reconstruction guidance (Ho et al. 2022; the Gaussian form of Chung et al.'s DPS):
     log p(E | x_t) ~ -(step_size / 2) sum_e viol_e(x0_hat)^2 / r_t^2, viol the distance of
     f(x0_hat) from the allowed interval; `step_size` (default 1) is the guidance weight.
@@ -48,7 +50,7 @@ from ..diffusion.schedules import Schedule, alpha_sigma
 from .events import Equals, Event, as_event
 
 GUIDANCE = ("moment", "dps", "interval")
-_OPTIONS = {"moment": {"std_grad": True, "probes": 0}, "dps": {"step_size": 1.0}, "interval": {"sharpness": 1.0}}
+_OPTIONS = {"moment": {"std_grad": True, "lookahead": 0.0}, "dps": {"step_size": 1.0}, "interval": {"sharpness": 1.0}}
 # Floor on the moment method's variance, relative to the isotropic r_t^2 |g|^2: a learned
 # denoiser's J need not be positive definite. At log-SNR below about -9 (r_t^2 > 1e4) the
 # floor exceeds a unit-scale prior's variance and softens the first step or two of the
@@ -83,46 +85,32 @@ def check_guidance(guidance: str, options: dict | None) -> dict:
     unknown = set(options) - set(_OPTIONS[guidance])
     if unknown:
         raise ValueError(f"guidance {guidance!r} takes options {sorted(_OPTIONS[guidance])}, got {sorted(unknown)}")
-    probes = options.get("probes", 0)
-    if not isinstance(probes, int) or probes < 0:
-        raise ValueError(f"probes must be a non-negative int, got {probes!r}")
+    lookahead = options.get("lookahead", 0.0)
+    if isinstance(lookahead, bool) or not isinstance(lookahead, (int, float)) or not 0 <= lookahead < math.inf:
+        raise ValueError(f"lookahead must be a finite log-SNR step >= 0, got {lookahead!r}")
     return {**_OPTIONS[guidance], **options}
 
 
-def check_deterministic(guidance: str, options: dict | None) -> None:
-    """Raise unless the guided field is a deterministic function of (x, log_snr), as the
-    probability-flow ODE needs."""
-    if check_guidance(guidance, options).get("probes"):
-        raise ValueError("moment guidance with probes > 0 is random: the probability-flow ODE (P(E)) needs "
-                         "probes=0")
-
-
-def guided_eps_fn(eps_fn, event: Event, guidance: str = "moment", options: dict | None = None,
-                  generator: torch.Generator | None = None):
+def guided_eps_fn(eps_fn, event: Event, guidance: str = "moment", options: dict | None = None):
     """The guided noise prediction eps_E(x, log_snr) for `event` (stated on the denoiser's x).
 
     When x requires grad (as in the probability-flow likelihood, which differentiates the
     guided field for its divergence) the result keeps its graph; otherwise it is detached.
-    `generator` draws the moment method's probes (torch's default generator if None).
     """
-    terms = guidance_terms(eps_fn, event, guidance, options, generator)
+    terms = guidance_terms(eps_fn, event, guidance, options)
     return lambda x, log_snr: terms(x, log_snr)[0]
 
 
-def guidance_terms(eps_fn, event: Event, guidance: str = "moment", options: dict | None = None,
-                   generator: torch.Generator | None = None):
+def guidance_terms(eps_fn, event: Event, guidance: str = "moment", options: dict | None = None):
     """terms(x, log_snr) -> (eps_E, eps, log_lik): the guided and unguided noise predictions
     and the method's approximation of log p(E | x_t) per sample (what it differentiates).
     The twisted sampler (guidance.smc) weighs particles with log_lik."""
     event = as_event(event)
     options = check_guidance(guidance, options)
     atoms = event.atoms()
-    probes = options.get("probes", 0)
 
     def terms(x, log_snr):
         keep_graph = x.requires_grad and torch.is_grad_enabled()
-        if keep_graph and probes:
-            check_deterministic(guidance, options)
         alpha, sigma = alpha_sigma(log_snr.to(torch.float64))
         alpha, sigma = float(alpha), float(sigma)
         with torch.enable_grad():
@@ -131,9 +119,9 @@ def guidance_terms(eps_fn, event: Event, guidance: str = "moment", options: dict
             x0 = (xt - sigma * eps) / alpha
             r2 = (sigma / alpha) ** 2
             if guidance == "moment":
-                points = _probe_points(xt, x0, sigma, probes, generator) if probes else None
+                ahead = _look_ahead(eps_fn, x0, eps, log_snr, options["lookahead"]) if options["lookahead"] else None
                 grad, loglik = _moment_grad(atoms, xt, x0, sigma**2 / alpha, r2, options["std_grad"], keep_graph,
-                                            points)
+                                            ahead)
             else:
                 values = [a.value(x0) for a in atoms]
                 if guidance == "dps":
@@ -153,26 +141,24 @@ def guidance_terms(eps_fn, event: Event, guidance: str = "moment", options: dict
     return terms
 
 
-def _probe_points(xt, x0, sigma, pairs, generator):
-    """x0_hat +- sigma J^T xi_j, shape (2 * pairs, ..., k): the offsets are constants, so the points
-    move with x_t as x0_hat does."""
-    offsets = []
-    for _ in range(pairs):
-        xi = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
-        (jt_xi,) = torch.autograd.grad(x0, xt, grad_outputs=xi, retain_graph=True)
-        offsets += [sigma * jt_xi, -sigma * jt_xi]
-    return x0 + torch.stack(offsets)
+def _look_ahead(eps_fn, x0, eps, log_snr, step):
+    """The denoiser's estimate of x0 after a deterministic (DDIM) step from x_t to log-SNR
+    log_snr + step: a sharp window where the Tweedie mean x0 is a blurred one."""
+    ahead = log_snr + step
+    alpha, sigma = (float(v) for v in alpha_sigma(ahead.to(torch.float64)))
+    x1 = alpha * x0 + sigma * eps
+    return (x1 - sigma * eps_fn(x1, ahead)) / alpha
 
 
-def _moment_grad(atoms, xt, x0, cov_scale, r2, std_grad, keep_graph, points=None):
+def _moment_grad(atoms, xt, x0, cov_scale, r2, std_grad, keep_graph, ahead=None):
     """(grad_{x_t} of L, L) for L = sum_e log p(E_e | x_t) under the moment-matched Gaussian;
-    with probe `points` the mean of f over them stands for f(x0_hat)."""
+    f is stated at `ahead` (the lookahead estimate) when given, else at x0_hat."""
     second_order = std_grad or keep_graph
     terms, values, vjps = [], [], []
     for atom in atoms:
         at_mean = atom.value(x0)
         (g,) = torch.autograd.grad(at_mean.sum(), x0, create_graph=True)
-        value = at_mean if points is None else atom.value(points).mean(0)
+        value = at_mean if ahead is None else atom.value(ahead)
         (jtg,) = torch.autograd.grad(x0, xt, grad_outputs=g, create_graph=second_order, retain_graph=True)
         var = cov_scale * (jtg * g).sum(-1)
         var = torch.maximum(var, _MIN_RELATIVE_VAR * r2 * (g * g).sum(-1))
@@ -182,7 +168,7 @@ def _moment_grad(atoms, xt, x0, cov_scale, r2, std_grad, keep_graph, points=None
         values.append(value)
         vjps.append(jtg)
     loglik = sum(terms)
-    if std_grad or points is not None:  # through s, or through the probes' mean: autograd
+    if std_grad or ahead is not None:  # through s, or through the lookahead step: autograd
         (grad,) = torch.autograd.grad(loglik.sum(), xt, create_graph=keep_graph)
         return grad, loglik
     # s held fixed: d/dx_t L(f(x0_hat)) = dL/df * J^T g, with the products above.
@@ -236,7 +222,7 @@ def sample_with_event(denoiser, schedule: Schedule, event: Event, shape, *, guid
     """
     eps_fn = as_eps_fn(denoiser, prediction)
     if guidance is not None:
-        eps_fn = guided_eps_fn(eps_fn, event, guidance, guidance_options, generator)
+        eps_fn = guided_eps_fn(eps_fn, event, guidance, guidance_options)
     noise = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
     with torch.no_grad():
         return samplers.sample(sampler, eps_fn, noise, schedule, steps, generator=generator, **sampler_options)

@@ -77,7 +77,7 @@ def sample_twisted(denoiser, schedule: Schedule, event: Event, shape, *, guidanc
     if not 0 < ess_fraction <= 1:
         raise ValueError(f"ess_fraction must be in (0, 1], got {ess_fraction}")
     event = as_event(event)
-    guided_terms = guidance_terms(as_eps_fn(denoiser, prediction), event, guidance, guidance_options, generator)
+    guided_terms = guidance_terms(as_eps_fn(denoiser, prediction), event, guidance, guidance_options)
     *batch, n, k = shape
     grouped = (*batch, groups, n // groups, k)
 
