@@ -1,14 +1,14 @@
 """How well the moment guidance's log p(E | x_t) is calibrated along the sampler's noise levels.
 
     python benchmarks/bench_moment_calibration.py [lorenz63|fitzhugh-nagumo] [--width 32] [--train-steps 3000]
-        [--layers 8] [--starts 30] [--continuations 64] [--levels 5,10,15,20,30] [--probes 4] [--out results.json]
+        [--layers 8] [--starts 30] [--continuations 64] [--levels 5,10,15,20,30] [--lookahead 4] [--out results.json]
 
 The guidance can steer a trajectory only while its p(E | x_t) is right. This noises
 simulated windows to the log-SNR of steps `--levels` of the 100-step DDPM grid that
 `densiformer events` samples on, and compares, per level, three values of p(E | x_t):
   - the paper's linearisation, Phi(C(f(x0_hat)) / s);
-  - the same with f(x0_hat) replaced by the mean of f over `--probes` antithetic pairs
-    x0_hat +- sigma J^T xi (guidance option "probes");
+  - the same with f stated at the denoiser's estimate one DDIM step of `--lookahead` in
+    log-SNR closer to the data (guidance option "lookahead");
   - the model's own, from `--continuations` unguided DDPM runs from each x_t to the data.
 Both estimates are read from guidance.scores.guidance_terms, the code the sampler runs.
 It reports the mean absolute difference from the model's own, their means, and the median
@@ -41,7 +41,7 @@ def main():
     parser.add_argument("--starts", type=int, default=30, help="noised windows per level")
     parser.add_argument("--continuations", type=int, default=64, help="unguided runs to the data per noised window")
     parser.add_argument("--levels", default="5,10,15,20,30", help="steps of the 100-step DDPM grid")
-    parser.add_argument("--probes", type=int, default=4, help="antithetic probe pairs")
+    parser.add_argument("--lookahead", type=float, default=4.0, help="log-SNR step of the lookahead estimate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -55,8 +55,8 @@ def main():
     event_z = event(system).compose(model.to_physical)
     generator = torch.Generator().manual_seed(args.seed)
     estimates = {"linearised": guidance_terms(model.denoiser, event_z, "moment", {"std_grad": False}),
-                 "probes": guidance_terms(model.denoiser, event_z, "moment",
-                                          {"std_grad": False, "probes": args.probes}, generator)}
+                 "lookahead": guidance_terms(model.denoiser, event_z, "moment",
+                                             {"std_grad": False, "lookahead": args.lookahead})}
     lams = samplers.log_snr_grid(model.schedule, GRID_STEPS, "time")
     windows = model.from_physical(torch.from_numpy(system.module.simulate(args.starts, 4242)).float())
 
@@ -84,12 +84,12 @@ def main():
             row[f"abs_error_{name}"] = float(np.abs(p - p_model).mean())
         rows.append(row)
         print(f"step {level:3d} log-SNR {float(lam):6.2f}: p(E|x_t) model {row['p_model']:.3f}, linearised "
-              f"{row['p_linearised']:.3f} (|err| {row['abs_error_linearised']:.3f}), probes {row['p_probes']:.3f} "
-              f"(|err| {row['abs_error_probes']:.3f}); f(x0_hat) - E[f] {row['jensen_gap_median']:+.3f}", flush=True)
+              f"{row['p_linearised']:.3f} (|err| {row['abs_error_linearised']:.3f}), lookahead {row['p_lookahead']:.3f} "
+              f"(|err| {row['abs_error_lookahead']:.3f}); f(x0_hat) - E[f] {row['jensen_gap_median']:+.3f}", flush=True)
     write_result(f"moment_calibration_{system.name}", {
         "device": device_info(torch.device("cpu")), "config": model.config.fields(), "config_key": model.config.key(),
         "threshold": system.threshold, "starts": args.starts, "continuations": args.continuations,
-        "probes": args.probes, "rows": rows}, args.out)
+        "lookahead": args.lookahead, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

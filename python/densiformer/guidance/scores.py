@@ -27,11 +27,13 @@ in data units.
     One more denoiser call, differentiated through. Why: x0_hat is the posterior mean, a
     blurred window at high noise, and for a convex f (the Lorenz spectral energy) f(x0_hat)
     lies well below E[f(x0) | x_t] (Jensen). At log-SNR -3.6 the paper's p(E | x_t) reads
-    0.50 where the model's own, from unguided continuations, is 0.13, so guidance idles
+    0.48 where the model's own, from unguided continuations, is 0.08, so guidance idles
     while the trajectory can still be steered; x0_ahead is sharp and reads 0.10
     (benchmarks/bench_moment_calibration.py). Too long a step lands at low noise, where
-    the denoiser returns its blurred input: lookahead 4 (to log-SNR -0.9 from -4.9) is the
-    measured best on Lorenz-63 (benchmarks/results/events/lookahead).
+    x1 is still the blurred x0_hat and the denoiser returns it (benchmarks/bench_lookahead.py
+    measures the in-event rate against the step). On Lorenz-63, lookahead 4 with the
+    gradient through s puts 0.98 of the samples in the event, the paper's method 0.77
+    (benchmarks/results/events/lookahead).
 "dps": reconstruction guidance (Ho et al. 2022; the Gaussian form of Chung et al.'s DPS):
     log p(E | x_t) ~ -(step_size / 2) sum_e viol_e(x0_hat)^2 / r_t^2, viol the distance of
     f(x0_hat) from the allowed interval; `step_size` (default 1) is the guidance weight.
