@@ -222,9 +222,8 @@ def format_table(result: dict) -> str:
         p = f"{r['p']:.4g} +- {r['p_se']:.2g}" if np.isfinite(r["p"]) else "-"
         distinct = f"{r['distinct']}" if "distinct" in r else "-"
         ess = f"{r['ess']:.0f}" if "ess" in r else "-"
-        name = "unguided" if r["method"] == "unguided" else r["method"]
         ks = "-" if r["ks"] is None else f"{r['ks']:.3f}"
-        lines.append(f"{name:<{width}}{r['satisfied']:>10.3f}{ks:>7}{p:>24} {r.get('p_estimator', ''):<12}"
+        lines.append(f"{r['method']:<{width}}{r['satisfied']:>10.3f}{ks:>7}{p:>24} {r.get('p_estimator', ''):<12}"
                      f"{imp:>24}{distinct:>9}{ess:>7}{r['ms_per_sample']:>11.2f}{r['time_vs_unguided']:>11.1f}")
     lines.append("KS: C(x) of the samples in the event against the simulator's conditional (unguided: its own "
                  "samples in the event; SMC: its weighted particles before the last resampling); distinct: SMC "

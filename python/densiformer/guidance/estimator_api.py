@@ -52,8 +52,8 @@ def _twisted(est, cond, request_idx, num_samples, event_z, guidance, options, st
 def _draw(est, cond, request_idx, num_samples, event_z, guidance, options, sampler, steps, seed, start):
     """Guided samples (rows, num_samples, k) in normalised units; noise seeded per batch."""
     eps_fn = est._denoiser(cond[:, None, :], request_idx)
-    generator = torch.Generator(est.device).manual_seed(_batch_seed(seed, start))
     guided = guided_eps_fn(eps_fn, event_z, guidance, options) if guidance is not None else eps_fn
+    generator = torch.Generator(est.device).manual_seed(_batch_seed(seed, start))
     noise = torch.randn(len(cond), num_samples, len(request_idx), generator=generator, device=est.device)
     with torch.no_grad():
         return eps_fn, guided, samplers.sample(sampler, guided, noise, _schedule(est, sampler), steps,
