@@ -1,7 +1,8 @@
 """How well the moment guidance's log p(E | x_t) is calibrated along the sampler's noise levels.
 
     python benchmarks/bench_moment_calibration.py [lorenz63|fitzhugh-nagumo] [--width 32] [--train-steps 3000]
-        [--layers 8] [--starts 30] [--continuations 64] [--levels 5,10,15,20,30] [--lookahead 4] [--out results.json]
+        [--layers 8] [--starts 30] [--continuations 64] [--levels 5,10,15,20,30] [--lookahead 4]
+        [--starts-in-event] [--out results.json]
 
 The guidance can steer a trajectory only while its p(E | x_t) is right. This noises
 simulated windows to the log-SNR of steps `--levels` of the 100-step DDPM grid that
@@ -42,6 +43,9 @@ def main():
     parser.add_argument("--continuations", type=int, default=64, help="unguided runs to the data per noised window")
     parser.add_argument("--levels", default="5,10,15,20,30", help="steps of the 100-step DDPM grid")
     parser.add_argument("--lookahead", type=float, default=4.0, help="log-SNR step of the lookahead estimate")
+    parser.add_argument("--starts-in-event", action="store_true",
+                        help="noise simulated windows in the event only (for a rare event, whose generic windows "
+                             "all have p(E | x_t) near 0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -58,7 +62,14 @@ def main():
                  "lookahead": guidance_terms(model.denoiser, event_z, "moment",
                                              {"std_grad": False, "lookahead": args.lookahead})}
     lams = samplers.log_snr_grid(model.schedule, GRID_STEPS, "time")
-    windows = model.from_physical(torch.from_numpy(system.module.simulate(args.starts, 4242)).float())
+    if args.starts_in_event:
+        candidates = torch.from_numpy(system.module.simulate(400 * args.starts, 4242)).float()
+        candidates = candidates[constraint(system, system.fn(candidates)) > 0][:args.starts]
+        if len(candidates) < args.starts:
+            raise SystemExit(f"only {len(candidates)} of {400 * args.starts} simulated windows are in the event")
+        windows = model.from_physical(candidates)
+    else:
+        windows = model.from_physical(torch.from_numpy(system.module.simulate(args.starts, 4242)).float())
 
     rows = []
     for level in (int(v) for v in args.levels.split(",")):
@@ -89,7 +100,7 @@ def main():
     write_result(f"moment_calibration_{system.name}", {
         "device": device_info(torch.device("cpu")), "config": model.config.fields(), "config_key": model.config.key(),
         "threshold": system.threshold, "starts": args.starts, "continuations": args.continuations,
-        "lookahead": args.lookahead, "rows": rows}, args.out)
+        "lookahead": args.lookahead, "starts_in_event": args.starts_in_event, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":
