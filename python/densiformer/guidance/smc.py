@@ -63,12 +63,17 @@ class TwistedSample(NamedTuple):
 
 def sample_twisted(denoiser, schedule: Schedule, event: Event, shape, *, guidance: str = "moment",
                    guidance_options: dict | None = None, prediction: str = "eps", steps: int = 100,
-                   groups: int = GROUPS, ess_fraction: float = 0.5, generator: torch.Generator | None = None,
-                   dtype=torch.float32, device="cpu") -> TwistedSample:
+                   groups: int = GROUPS, ess_fraction: float = 0.5, twist_from: float = -math.inf,
+                   generator: torch.Generator | None = None, dtype=torch.float32, device="cpu") -> TwistedSample:
     """Draw shape (..., n, k) samples of p(x | E) by twisted SMC on the DDPM sampler.
 
     The n particles of each batch entry are split into `groups` independent systems of
     n / groups (n must divide), which gives P(E) its standard error.
+    twist_from: below this log-SNR the twist is 1 and the particles take unguided steps
+    (still exact). For an event that the twist underrates at high noise by orders of
+    magnitude (FitzHugh-Nagumo's spikes at log-SNR -6.5), the few particles the model
+    would carry into E otherwise get huge weights later, a tail that the population
+    misses; starting the twist where it is calibrated avoids that.
     """
     shape = tuple(shape)
     if len(shape) < 2 or groups < 1 or shape[-2] < 2 * groups or shape[-2] % groups:
@@ -77,11 +82,16 @@ def sample_twisted(denoiser, schedule: Schedule, event: Event, shape, *, guidanc
     if not 0 < ess_fraction <= 1:
         raise ValueError(f"ess_fraction must be in (0, 1], got {ess_fraction}")
     event = as_event(event)
-    guided_terms = guidance_terms(as_eps_fn(denoiser, prediction), event, guidance, guidance_options)
+    eps_fn = as_eps_fn(denoiser, prediction)
+    guided_terms = guidance_terms(eps_fn, event, guidance, guidance_options)
     *batch, n, k = shape
     grouped = (*batch, groups, n // groups, k)
 
     def terms(x, log_snr):
+        if float(log_snr) < twist_from:  # twist 1, unguided proposal: plain DDPM steps, weights unchanged
+            with torch.no_grad():
+                eps = eps_fn(x.reshape(shape), log_snr).reshape(grouped)
+            return eps, eps, torch.zeros(grouped[:-1], dtype=x.dtype, device=x.device)
         # The denoiser sees the caller's (..., n, k) layout (it may broadcast a per-row condition).
         eps_g, eps_u, twist = guided_terms(x.reshape(shape), log_snr)
         return eps_g.reshape(grouped), eps_u.reshape(grouped), twist.reshape(grouped[:-1])
