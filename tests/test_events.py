@@ -193,7 +193,8 @@ def test_events_command_writes_the_table_and_histogram(tmp_path, monkeypatch):
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     result = run("lorenz63", out=tmp_path / "out", num_samples=8, smc_particles=16, truth_windows=20_000,
-                 progress=False, denoiser={"steps": 10, "train_windows": 2000, "width": 8, "layers": 2})
+                 progress=False, denoiser={"steps": 10, "train_windows": 2000, "width": 8, "layers": 2},
+                 smc_twist_from=-3.0)
     assert abs(result["p_true"] - 0.0967) < 4 * result["p_true_se"] + 1e-3
     methods = [r["method"] for r in result["rows"]]
     assert methods == ["unguided", "moment", "moment (std stopped)", "moment (lookahead 4)",
@@ -201,6 +202,7 @@ def test_events_command_writes_the_table_and_histogram(tmp_path, monkeypatch):
     smc = result["rows"][-1]
     assert smc["particles"] == 16 and 1 <= smc["distinct"] <= 16 and smc["p_estimator"] == "SMC"
     assert 0 < smc["ess"] <= 16
+    assert smc["twist_from"] == -3.0
     saved = json.loads((tmp_path / "out" / "events_lorenz63.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
     assert (tmp_path / "out" / "events_lorenz63.png").stat().st_size > 10_000
@@ -235,6 +237,7 @@ def test_window_denoiser_trains_and_samples_on_cuda_like_on_the_cpu(tmp_path, mo
 @pytest.mark.parametrize("flags, message", [
     (["--smc-particles", "6"], "multiple of 4"),
     (["--smc-guidance", "moment,magic"], "unknown method"),
+    (["--smc-twist-from", "nan"], "--smc-twist-from"),
     (["--width", "12"], "multiple of 8"),
     (["--train-steps", "0"], "--train-steps and --layers positive"),
     (["--layers", "0"], "--train-steps and --layers positive"),

@@ -9,6 +9,7 @@ true conditional (the simulated windows in the event).
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,12 +89,13 @@ def simulator_truth(system: System, n: int, seed: int, progress: bool) -> np.nda
 
 
 def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_particles=1000, smc_methods=("moment",),
-        prob_samples=0, truth_windows=1_000_000, seed=0, retrain=False, progress=True, denoiser=None,
-        device="cpu") -> dict:
+        smc_twist_from=-math.inf, prob_samples=0, truth_windows=1_000_000, seed=0, retrain=False, progress=True,
+        denoiser=None, device="cpu") -> dict:
     """Sample the system's event with every method and compare with the simulator; returns the table.
 
     denoiser: WindowConfig fields that override the system's (a smaller model for tests).
     device: where the denoiser trains and samples (the simulator's truth stays on the CPU).
+    smc_twist_from: the SMC sampler's twist_from (guidance.smc.sample_twisted).
     """
     try:
         from scipy import stats
@@ -168,7 +170,8 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
     for guidance in smc_methods if smc_particles else ():
         t0 = time.perf_counter()
         result = sample_twisted(denoiser, schedule, event_z, (smc_particles, k), guidance=guidance,
-                                guidance_options=SMC_OPTIONS[guidance], generator=generator, device=device)
+                                guidance_options=SMC_OPTIONS[guidance], twist_from=smc_twist_from,
+                                generator=generator, device=device)
         if result.x.is_cuda:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - t0) / smc_particles
@@ -184,7 +187,8 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
                      "p": float(result.p), "p_se": float(result.p_se), "p_estimator": "SMC",
                      "ms_per_sample": 1e3 * seconds, "distinct": int(result.distinct.sum()),
                      "particles": smc_particles, "ess": float(result.ess), "min_ess": result.min_ess,
-                     "resamplings": result.resamplings})
+                     "resamplings": result.resamplings,
+                     "twist_from": None if smc_twist_from == -math.inf else smc_twist_from})
         if progress:
             print(f"  {label}: done", flush=True)
     for row in rows:
@@ -271,6 +275,10 @@ def add_events_parser(subparsers):
     p.add_argument("--num-samples", type=int, default=500, help="samples per plain guidance method")
     p.add_argument("--smc-particles", type=int, default=1000,
                    help="particles of the twisted SMC sampler (a multiple of 4; 0: skip it)")
+    p.add_argument("--smc-twist-from", type=float, default=None, metavar="LOG_SNR",
+                   help="start the SMC twist (and guidance) at this log-SNR, with unguided steps before (default: "
+                        "from the start; -5.5 suits fitzhugh-nagumo, whose twist is calibrated from there, see "
+                        "benchmarks/results/events/smc_fitzhugh-nagumo)")
     p.add_argument("--smc-guidance", default="moment",
                    help="comma-separated guidance methods to run inside the SMC sampler (default: moment)")
     # Off by default: the guided probability-flow ODE in 180-240 dimensions takes many
@@ -324,10 +332,14 @@ def cmd_events(args) -> int:
             (args.train_steps is not None and args.train_steps < 1) or (args.layers is not None and args.layers < 1):
         raise ValueError("--width must be a positive multiple of 8 (GroupNorm's 8 groups), --train-steps and "
                          "--layers positive")
+    if args.smc_twist_from is not None and math.isnan(args.smc_twist_from):
+        raise ValueError("--smc-twist-from must be a number (a log-SNR)")
     device = _check_device(args.device)
     denoiser = {key: value for key, value in (("width", args.width), ("steps", args.train_steps),
                                               ("layers", args.layers)) if value is not None}
     run(args.system, threshold=args.threshold, out=args.out, num_samples=args.num_samples,
-        smc_particles=args.smc_particles, smc_methods=smc_methods, prob_samples=args.prob_samples,
+        smc_particles=args.smc_particles, smc_methods=smc_methods,
+        smc_twist_from=-math.inf if args.smc_twist_from is None else args.smc_twist_from,
+        prob_samples=args.prob_samples,
         truth_windows=args.truth_windows, seed=args.seed, retrain=args.retrain, denoiser=denoiser, device=device)
     return 0
