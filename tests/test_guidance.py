@@ -193,6 +193,8 @@ def test_twisted_smc_rejects_bad_shapes():
         sample_twisted(TARGET.eps, SCHEDULE, ev, (10, 2), groups=4)
     with pytest.raises(ValueError, match="ess_fraction"):
         sample_twisted(TARGET.eps, SCHEDULE, ev, (16, 2), ess_fraction=0.0)
+    with pytest.raises(ValueError, match="twist_from"):
+        sample_twisted(TARGET.eps, SCHEDULE, ev, (16, 2), twist_from=math.nan)
 
 
 def test_prediction_kinds_agree():

@@ -275,7 +275,7 @@ def add_events_parser(subparsers):
     p.add_argument("--num-samples", type=int, default=500, help="samples per plain guidance method")
     p.add_argument("--smc-particles", type=int, default=1000,
                    help="particles of the twisted SMC sampler (a multiple of 4; 0: skip it)")
-    p.add_argument("--smc-twist-from", type=float, default=None, metavar="LOG_SNR",
+    p.add_argument("--smc-twist-from", type=float, default=-math.inf, metavar="LOG_SNR",
                    help="start the SMC twist (and guidance) at this log-SNR, with unguided steps before (default: "
                         "from the start; -5.5 suits fitzhugh-nagumo, whose twist is calibrated from there, see "
                         "benchmarks/results/events/smc_fitzhugh-nagumo)")
@@ -332,14 +332,13 @@ def cmd_events(args) -> int:
             (args.train_steps is not None and args.train_steps < 1) or (args.layers is not None and args.layers < 1):
         raise ValueError("--width must be a positive multiple of 8 (GroupNorm's 8 groups), --train-steps and "
                          "--layers positive")
-    if args.smc_twist_from is not None and math.isnan(args.smc_twist_from):
+    if math.isnan(args.smc_twist_from):
         raise ValueError("--smc-twist-from must be a number (a log-SNR)")
     device = _check_device(args.device)
     denoiser = {key: value for key, value in (("width", args.width), ("steps", args.train_steps),
                                               ("layers", args.layers)) if value is not None}
     run(args.system, threshold=args.threshold, out=args.out, num_samples=args.num_samples,
         smc_particles=args.smc_particles, smc_methods=smc_methods,
-        smc_twist_from=-math.inf if args.smc_twist_from is None else args.smc_twist_from,
-        prob_samples=args.prob_samples,
+        smc_twist_from=args.smc_twist_from, prob_samples=args.prob_samples,
         truth_windows=args.truth_windows, seed=args.seed, retrain=args.retrain, denoiser=denoiser, device=device)
     return 0

@@ -81,6 +81,8 @@ def sample_twisted(denoiser, schedule: Schedule, event: Event, shape, *, guidanc
                          f"got {shape}")
     if not 0 < ess_fraction <= 1:
         raise ValueError(f"ess_fraction must be in (0, 1], got {ess_fraction}")
+    if math.isnan(twist_from):
+        raise ValueError("twist_from must be a log-SNR or -inf, got NaN")
     event = as_event(event)
     eps_fn = as_eps_fn(denoiser, prediction)
     guided_terms = guidance_terms(eps_fn, event, guidance, guidance_options)
