@@ -102,6 +102,8 @@ stage_events() {
   #   mkdir -p .gpu_cache/truth && cp ~/.cache/densiformer/truth/fitzhugh-nagumo-1000000-7.npy .gpu_cache/truth/
   #   run(command="bash benchmarks/gpu_session.sh events", carry=[".gpu_cache"], timeout_s=590)
   # The weights land in $OUT_DIR/cache (copy to ~/.cache/densiformer to evaluate them anywhere).
+  # A training cut off by its step's time limit (SIGTERM) leaves its checkpoint there:
+  # copy $OUT_DIR/cache/densiformer/. into .gpu_cache/ and call again to resume it.
   export XDG_CACHE_HOME="$OUT_DIR/cache"
   mkdir -p "$XDG_CACHE_HOME/densiformer"
   [ -d .gpu_cache ] && cp -r .gpu_cache/. "$XDG_CACHE_HOME/densiformer/"

@@ -183,6 +183,111 @@ def test_window_model_asinh_stretch_round_trips_and_keeps_old_cache_keys(tmp_pat
         WindowConfig("test", 8, asinh_scale=-1.0)
 
 
+def test_window_denoiser_training_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    # A run killed after its last periodic checkpoint, or stopped by SIGINT, resumes from
+    # checkpoint.safetensors and ends, on the CPU, with exactly the weights of an
+    # uninterrupted run; load_or_train deletes the checkpoint once the weights are cached.
+    import signal
+
+    from safetensors import safe_open
+
+    from densiformer.model import window_denoiser as wd
+
+    monkeypatch.setattr(wd, "CHECKPOINT_EVERY", 4)
+    config = wd.WindowConfig("test", 8, train_windows=300, width=8, layers=2, steps=13, architecture="conv", length=4)
+    z = torch.randn(300, 8, generator=torch.Generator().manual_seed(0))
+    straight, _ = wd.train(config, z, False)
+
+    def interrupting_at_call(n, action):  # get_schedule whose log_snr (once a training step) acts on its n-th call
+        schedule, calls = wd.get_schedule(config.schedule), []
+
+        class Interrupting:
+            def log_snr(self, t):
+                calls.append(1)
+                if len(calls) == n:
+                    action()
+                return schedule.log_snr(t)
+        return lambda name: Interrupting()
+
+    def steps_saved(path):
+        with safe_open(str(path), "pt") as f:
+            return int(f.metadata()["step"])
+
+    def same_weights(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+    def crash():
+        raise RuntimeError("killed")
+
+    checkpoint = tmp_path / "checkpoint.safetensors"
+    with monkeypatch.context() as m:
+        m.setattr(wd, "get_schedule", interrupting_at_call(7, crash))  # in step 6
+        with pytest.raises(RuntimeError, match="killed"):
+            wd.train(config, z, False, checkpoint=checkpoint)
+    assert steps_saved(checkpoint) == 4  # the periodic one before the crash
+    with monkeypatch.context() as m:  # SIGINT during step 9 (the resumed run's 6th): it finishes, is saved, Ctrl-C goes on
+        m.setattr(wd, "get_schedule", interrupting_at_call(6, lambda: signal.raise_signal(signal.SIGINT)))
+        with pytest.raises(KeyboardInterrupt):
+            wd.train(config, z, False, checkpoint=checkpoint)
+    assert steps_saved(checkpoint) == 10
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    resumed, _ = wd.train(config, z, False, checkpoint=checkpoint)
+    assert same_weights(resumed, straight)
+    other = wd.WindowConfig("test", 8, train_windows=300, width=8, layers=2, steps=14, architecture="conv", length=4)
+    with pytest.raises(ValueError, match="another config"):
+        wd.train(other, z, False, checkpoint=checkpoint)
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    simulate = lambda n, seed: np.random.default_rng(seed).standard_normal((n, 8)).astype(np.float32)  # noqa: E731
+    with monkeypatch.context() as m:
+        m.setattr(wd, "get_schedule", interrupting_at_call(6, crash))  # in step 5
+        with pytest.raises(RuntimeError, match="killed"):
+            wd.load_or_train(config, simulate, progress=False)
+    folder = tmp_path / "cache" / "densiformer" / "window_denoiser" / config.key()
+    assert steps_saved(folder / "checkpoint.safetensors") == 4
+    assert not (folder / "model.safetensors").exists()
+    model = wd.load_or_train(config, simulate, progress=False)
+    assert not (folder / "checkpoint.safetensors").exists() and (folder / "model.safetensors").is_file()
+    with monkeypatch.context() as m:
+        m.setattr(wd, "CHECKPOINT_EVERY", 10**9)  # no periodic save: retrain starts from scratch
+        fresh = wd.load_or_train(config, simulate, progress=False, retrain=True)
+    assert same_weights(fresh.denoiser, model.denoiser)
+
+
+def test_window_denoiser_training_saves_its_checkpoint_when_terminated(tmp_path):
+    # A job's time limit sends SIGTERM: the training process finishes its step, saves it
+    # (with no periodic checkpoint due) and then dies of the signal as it would have.
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    from safetensors import safe_open
+
+    script = textwrap.dedent(f"""
+        import torch
+        from densiformer.model import window_denoiser as wd
+        wd.CHECKPOINT_EVERY = 10**9
+        schedule = wd.get_schedule("cosine")
+        class Announcing:  # says when training runs, once
+            said = False
+            def log_snr(self, t):
+                if not self.said:
+                    print("training", flush=True)
+                    self.said = True
+                return schedule.log_snr(t)
+        wd.get_schedule = lambda name: Announcing()
+        config = wd.WindowConfig("test", 8, width=8, layers=2, steps=10**7, architecture="conv", length=4)
+        wd.train(config, torch.randn(300, 8), False, checkpoint=wd.Path({str(tmp_path / "checkpoint.safetensors")!r}))
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "training\n"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == -signal.SIGTERM
+    with safe_open(str(tmp_path / "checkpoint.safetensors"), "pt") as f:
+        assert int(f.metadata()["step"]) >= 1
+
+
 def test_events_command_writes_the_table_and_histogram(tmp_path, monkeypatch):
     # The plumbing of `densiformer events` on a model trained for a few steps (the
     # statistics need the full run: benchmarks/bench_events.py); the simulator's event rate

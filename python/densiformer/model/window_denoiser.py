@@ -48,7 +48,10 @@ their std; the Gaussian skip fixed the second moments, not the shape.)
 Trained weights are cached under $XDG_CACHE_HOME/densiformer/window_denoiser/<key>/
 (default ~/.cache), `key` a hash of the training config, as model.safetensors and
 config.json. The config fully determines the result on the CPU, so the cache is
-reproducible by `densiformer events <system> --retrain`.
+reproducible by `densiformer events <system> --retrain`. While it trains, the run keeps
+checkpoint.safetensors there (weights, EMA, optimizer moments and the random stream,
+every CHECKPOINT_EVERY steps and on an interruption): the next call with the same config
+resumes from it, and on the CPU ends with the same weights as an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -57,6 +60,8 @@ import hashlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -337,24 +342,33 @@ def load_or_train(config: WindowConfig, simulate, *, retrain: bool = False, prog
         # slow ones (its 50% quantile of the Lorenz energy fell to the simulator's 10%).
         basis = eigvec * np.sqrt(np.maximum(eigval, config.variance_floor * eigval.max()))
     z = np.linalg.solve(basis, (data - mean).T).T.astype(np.float32)
-    started = time.perf_counter()
-    denoiser = train(config, torch.from_numpy(z), progress, device)
-    seconds = time.perf_counter() - started
     path.mkdir(parents=True, exist_ok=True)
+    checkpoint = path / "checkpoint.safetensors"
+    if retrain:
+        checkpoint.unlink(missing_ok=True)
+    denoiser, seconds = train(config, torch.from_numpy(z), progress, device, checkpoint=checkpoint)
     save_file({k: v.cpu().contiguous() for k, v in denoiser.state_dict().items()}, str(path / "model.safetensors.tmp"))
     meta = {"config": config.fields(), "mean": mean.tolist(), "basis": basis.tolist(), "seconds": seconds,
             "command": f"densiformer events {config.system} --retrain"}
     (path / "config.json.tmp").write_text(json.dumps(meta, indent=2))
     os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
     os.replace(path / "config.json.tmp", path / "config.json")
+    checkpoint.unlink(missing_ok=True)
     return WindowModel(config, denoiser, mean, basis, seconds)
 
 
-def train(config: WindowConfig, z: torch.Tensor, progress: bool = True, device="cpu") -> nn.Module:
-    """Train on standardised windows z (n, dim) for config.steps steps; returns the EMA model (on device).
+CHECKPOINT_EVERY = 200  # training steps; a killed run loses at most this many
+
+
+def train(config: WindowConfig, z: torch.Tensor, progress: bool = True, device="cpu", *,
+          checkpoint: Path | None = None) -> tuple[nn.Module, float]:
+    """Train on standardised windows z (n, dim) for config.steps steps; returns the EMA model
+    (on device) and the training time in seconds, earlier runs of a resumed training included.
 
     Batches, times and noise are drawn on the CPU from config.seed, then moved: the same
-    config gives the same random stream on any device.
+    config gives the same random stream on any device. With `checkpoint` (a file path),
+    training resumes from it, saves it every CHECKPOINT_EVERY steps and, when SIGINT or
+    SIGTERM stops the run, after the step under way; the caller deletes it when done.
     """
     from tqdm.auto import tqdm
 
@@ -369,28 +383,117 @@ def train(config: WindowConfig, z: torch.Tensor, progress: bool = True, device="
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
     warmup = max(1, config.steps // 20)
-    lr_at = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / config.steps)))
-    bar = tqdm(range(config.steps), disable=not progress, desc=f"training {config.system} denoiser", unit="step")
-    for step in bar:
-        x0 = z[torch.randint(len(z), (config.batch_size,), generator=generator).to(device)]
-        # Stratified times, as in training.diffusion_loss.
-        t = (torch.rand((), generator=generator) + torch.arange(config.batch_size) / config.batch_size) % 1.0
-        log_snr = schedule.log_snr(t).float().to(device)
-        alpha, sigma = alpha_sigma(log_snr)
-        noise = torch.randn(x0.shape, generator=generator).to(device)
-        xt = alpha[:, None] * x0 + sigma[:, None] * noise
-        x0_gauss, c_out, f = model.x0_and_target_scale(xt, log_snr)
-        loss = ((f - (x0 - x0_gauss) / c_out) ** 2 * weight).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        lr_at.step()
-        decay = min(config.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1 - decay)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    return ema
+    start, seconds_before = 0, 0.0
+    if checkpoint is not None and checkpoint.is_file():
+        start, seconds_before = _load_checkpoint(checkpoint, config, model, ema, optimizer, generator)
+    started = time.perf_counter()
+
+    def save(step_done: int):
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, config, step_done, seconds_before + time.perf_counter() - started,
+                             model, ema, optimizer, generator)
+
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress,
+               desc=f"training {config.system} denoiser", unit="step")
+    with _StopBetweenSteps(enabled=checkpoint is not None) as stop:
+        for step in bar:
+            # Linear warmup, then cosine decay (set here rather than by a scheduler so
+            # that a resumed run needs no scheduler state).
+            factor = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / config.steps))
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * factor
+            x0 = z[torch.randint(len(z), (config.batch_size,), generator=generator).to(device)]
+            # Stratified times, as in training.diffusion_loss.
+            t = (torch.rand((), generator=generator) + torch.arange(config.batch_size) / config.batch_size) % 1.0
+            log_snr = schedule.log_snr(t).float().to(device)
+            alpha, sigma = alpha_sigma(log_snr)
+            noise = torch.randn(x0.shape, generator=generator).to(device)
+            xt = alpha[:, None] * x0 + sigma[:, None] * noise
+            x0_gauss, c_out, f = model.x0_and_target_scale(xt, log_snr)
+            loss = ((f - (x0 - x0_gauss) / c_out) ** 2 * weight).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            decay = min(config.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), model.parameters()):
+                    e.lerp_(p, 1 - decay)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if stop.signum is not None or ((step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < config.steps):
+                save(step + 1)
+            if stop.signum is not None:
+                bar.close()
+                break
+    if stop.signum is not None:
+        stop.deliver()
+    return ema, seconds_before + time.perf_counter() - started
+
+
+class _StopBetweenSteps:
+    """Holds SIGINT and SIGTERM while training, so that an interrupted run (Ctrl-C, or a
+    job's time limit) first finishes its step and saves a checkpoint of whole steps; then
+    `deliver` passes the signal on to the handler that was there before."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signum = None
+        self.previous: dict = {}
+
+    def __enter__(self):
+        if self.enabled:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                handler = signal.getsignal(signum)
+                if handler is not signal.SIG_IGN:
+                    self.previous[signum] = handler
+                    signal.signal(signum, self._hold)
+        return self
+
+    def _hold(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def deliver(self):
+        signal.raise_signal(self.signum)
+        raise KeyboardInterrupt  # the previous handler returned: stop anyway, the checkpoint is saved
+
+
+def _save_checkpoint(path: Path, config: WindowConfig, step: int, seconds: float, model: nn.Module,
+                     ema: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    for index, state in optimizer.state_dict()["state"].items():
+        tensors.update({f"optimizer.{index}.{k}": v for k, v in state.items()})
+    tensors["generator"] = generator.get_state()
+    metadata = {"step": str(step), "seconds": repr(seconds), "config": json.dumps(config.fields(), sort_keys=True)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, config: WindowConfig, model: nn.Module, ema: nn.Module,
+                     optimizer: torch.optim.Optimizer, generator: torch.Generator) -> tuple[int, float]:
+    """Restore a checkpoint of this config in place; returns (steps done, seconds spent)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if json.loads(metadata["config"]) != config.fields():
+        raise ValueError(f"{path} is a checkpoint of another config; delete it or pass retrain")
+    part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+    model.load_state_dict(part("model."))
+    ema.load_state_dict(part("ema."))
+    state: dict[int, dict] = {}
+    for name, value in part("optimizer.").items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    generator.set_state(tensors["generator"])
+    return int(metadata["step"]), float(metadata["seconds"])
