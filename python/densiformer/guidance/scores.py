@@ -145,7 +145,11 @@ def guidance_terms(eps_fn, event: Event, guidance: str = "moment", options: dict
 
 def _look_ahead(eps_fn, x0, eps, log_snr, step):
     """The denoiser's estimate of x0 after a deterministic (DDIM) step from x_t to log-SNR
-    log_snr + step: a sharp window where the Tweedie mean x0 is a blurred one."""
+    log_snr + step: a sharp window where the Tweedie mean x0 is a blurred one.
+
+    Near the data end log_snr + step can pass the top of the denoiser's training range
+    (10 for the cosine schedule); it is not capped, since there sigma / alpha < e^-5 and
+    the extrapolated eps_fn moves the estimate by less than that fraction of its error."""
     ahead = log_snr + step
     alpha, sigma = (float(v) for v in alpha_sigma(ahead.to(torch.float64)))
     x1 = alpha * x0 + sigma * eps
