@@ -104,15 +104,19 @@ stage_events() {
   # The weights land in $OUT_DIR/cache (copy to ~/.cache/densiformer to evaluate them anywhere).
   # A training cut off by its step's time limit (SIGTERM) leaves its checkpoint there:
   # copy $OUT_DIR/cache/densiformer/. into .gpu_cache/ and call again to resume it.
+  # On 2 CPU cores width 64 / 6000 steps gave 0.45% spikes against 1.38% (width 32 / 3000:
+  # 0.2-0.3%); EVENTS_WIDTH and EVENTS_STEPS (default 64 and 30000) set the GPU's run, where
+  # a wider network costs little more per step.
+  local width="${EVENTS_WIDTH:-64}" steps="${EVENTS_STEPS:-30000}"
   export XDG_CACHE_HOME="$OUT_DIR/cache"
   mkdir -p "$XDG_CACHE_HOME/densiformer"
   [ -d .gpu_cache ] && cp -r .gpu_cache/. "$XDG_CACHE_HOME/densiformer/"
   step test_events 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_events.py -k cuda
-  step tail_fitzhugh_nagumo 300 "$PY" benchmarks/bench_window_tail.py fitzhugh-nagumo --width 64 \
-    --train-steps 30000 --device cuda --out "$OUT_DIR/tail_fitzhugh-nagumo.json"
-  step events_fitzhugh_nagumo 120 "$PY" benchmarks/bench_events.py --systems fitzhugh-nagumo --width 64 \
-    --train-steps 30000 --smc-guidance moment --device cuda --out "$OUT_DIR/events_fitzhugh-nagumo.json"
-  cp -r benchmarks/results/events/width64_steps30000* "$OUT_DIR/" 2>/dev/null || true
+  step tail_fitzhugh_nagumo 300 "$PY" benchmarks/bench_window_tail.py fitzhugh-nagumo --width "$width" \
+    --train-steps "$steps" --device cuda --out "$OUT_DIR/tail_fitzhugh-nagumo.json"
+  step events_fitzhugh_nagumo 120 "$PY" benchmarks/bench_events.py --systems fitzhugh-nagumo --width "$width" \
+    --train-steps "$steps" --smc-guidance moment --device cuda --out "$OUT_DIR/events_fitzhugh-nagumo.json"
+  cp -r "benchmarks/results/events/width${width}_steps${steps}"* "$OUT_DIR/" 2>/dev/null || true
 }
 
 for stage in "${@:-build test bench sanitize}"; do
