@@ -416,9 +416,8 @@ def train(config: WindowConfig, z: torch.Tensor, progress: bool = True, device="
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             decay = min(config.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), model.parameters()):
-                    e.lerp_(p, 1 - decay)
+            with torch.no_grad():  # one fused update (a few kernel launches on a GPU, not one per tensor)
+                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             if stop.signum is not None or ((step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < config.steps):
