@@ -248,10 +248,16 @@ def test_window_denoiser_training_resumes_from_its_checkpoint(tmp_path, monkeypa
     assert not (folder / "model.safetensors").exists()
     model = wd.load_or_train(config, simulate, progress=False)
     assert not (folder / "checkpoint.safetensors").exists() and (folder / "model.safetensors").is_file()
-    with monkeypatch.context() as m:
-        m.setattr(wd, "CHECKPOINT_EVERY", 10**9)  # no periodic save: retrain starts from scratch
-        fresh = wd.load_or_train(config, simulate, progress=False, retrain=True)
+    # --retrain discards a checkpoint left there (here one of another config, which a resume would refuse)
+    import json
+
+    from safetensors.torch import save_file
+
+    save_file({"unused": torch.zeros(1)}, str(folder / "checkpoint.safetensors"),
+              metadata={"step": "3", "seconds": "0.0", "config": json.dumps(other.fields())})
+    fresh = wd.load_or_train(config, simulate, progress=False, retrain=True)
     assert same_weights(fresh.denoiser, model.denoiser)
+    assert not (folder / "checkpoint.safetensors").exists()
 
 
 def test_window_denoiser_training_saves_its_checkpoint_when_terminated(tmp_path):

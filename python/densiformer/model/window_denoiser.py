@@ -388,13 +388,9 @@ def train(config: WindowConfig, z: torch.Tensor, progress: bool = True, device="
         start, seconds_before = _load_checkpoint(checkpoint, config, model, ema, optimizer, generator)
     started = time.perf_counter()
 
-    def save(step_done: int):
-        if checkpoint is not None:
-            _save_checkpoint(checkpoint, config, step_done, seconds_before + time.perf_counter() - started,
-                             model, ema, optimizer, generator)
-
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress,
                desc=f"training {config.system} denoiser", unit="step")
+    ema_params, model_params = list(ema.parameters()), list(model.parameters())
     with _StopBetweenSteps(enabled=checkpoint is not None) as stop:
         for step in bar:
             # Linear warmup, then cosine decay (set here rather than by a scheduler so
@@ -417,12 +413,14 @@ def train(config: WindowConfig, z: torch.Tensor, progress: bool = True, device="
             optimizer.step()
             decay = min(config.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():  # one fused update (a few kernel launches on a GPU, not one per tensor)
-                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+                torch._foreach_lerp_(ema_params, model_params, 1 - decay)
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-            if stop.signum is not None or ((step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < config.steps):
-                save(step + 1)
-            if stop.signum is not None:
+            stopping = stop.signum is not None
+            if checkpoint is not None and (stopping or ((step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < config.steps)):
+                _save_checkpoint(checkpoint, config, step + 1, seconds_before + time.perf_counter() - started,
+                                 model, ema, optimizer, generator)
+            if stopping:
                 bar.close()
                 break
     if stop.signum is not None:
