@@ -298,14 +298,18 @@ def test_events_command_writes_the_table_and_histogram(tmp_path, monkeypatch):
     # The plumbing of `densiformer events` on a model trained for a few steps (the
     # statistics need the full run: benchmarks/bench_events.py); the simulator's event rate
     # from 20,000 windows must still be the paper's 9.7%.
+    import dataclasses
     import json
 
+    from densiformer.guidance import cli
     from densiformer.guidance.cli import run
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    # Without smc_twist_from the SMC sampler twists from the system's own log-SNR.
+    system = cli._system
+    monkeypatch.setattr(cli, "_system", lambda *a: dataclasses.replace(system(*a), smc_twist_from=-3.0))
     result = run("lorenz63", out=tmp_path / "out", num_samples=8, smc_particles=16, truth_windows=20_000,
-                 progress=False, denoiser={"steps": 10, "train_windows": 2000, "width": 8, "layers": 2},
-                 smc_twist_from=-3.0)
+                 progress=False, denoiser={"steps": 10, "train_windows": 2000, "width": 8, "layers": 2})
     assert abs(result["p_true"] - 0.0967) < 4 * result["p_true_se"] + 1e-3
     methods = [r["method"] for r in result["rows"]]
     assert methods == ["unguided", "moment", "moment (std stopped)", "moment (lookahead 4)",

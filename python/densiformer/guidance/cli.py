@@ -39,6 +39,11 @@ class System:
     kind: str  # "below" or "above"
     threshold: float
     denoiser: dict  # WindowConfig fields; the 1-D convolution matches the simulator far better than the MLP
+    # The log-SNR from which the SMC sampler twists: where the moment twist agrees with the
+    # model's own p(E | x_t) (benchmarks/bench_moment_calibration.py). Lorenz-63's agrees from
+    # the start; FitzHugh-Nagumo's underrates the spike 700x at log-SNR -6.55 and agrees from
+    # -5.3 on (benchmarks/results/events/smc_fitzhugh-nagumo/), on both denoisers measured.
+    smc_twist_from: float = -math.inf
 
 
 def _system(name: str, threshold: float | None) -> System:
@@ -53,7 +58,7 @@ def _system(name: str, threshold: float | None) -> System:
         return System(name, fitzhugh_nagumo, fitzhugh_nagumo.max_mean_voltage, "above",
                       fitzhugh_nagumo.DEFAULT_THRESHOLD if threshold is None else threshold,
                       {"architecture": "conv", "length": fitzhugh_nagumo.STEPS, "width": 32, "layers": 8,
-                       "steps": 3000})
+                       "steps": 3000}, smc_twist_from=-5.5)
     raise ValueError(f"unknown system {name!r}; choose 'lorenz63' or 'fitzhugh-nagumo'")
 
 
@@ -89,13 +94,13 @@ def simulator_truth(system: System, n: int, seed: int, progress: bool) -> np.nda
 
 
 def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_particles=1000, smc_methods=("moment",),
-        smc_twist_from=-math.inf, prob_samples=0, truth_windows=1_000_000, seed=0, retrain=False, progress=True,
+        smc_twist_from=None, prob_samples=0, truth_windows=1_000_000, seed=0, retrain=False, progress=True,
         denoiser=None, device="cpu") -> dict:
     """Sample the system's event with every method and compare with the simulator; returns the table.
 
     denoiser: WindowConfig fields that override the system's (a smaller model for tests).
     device: where the denoiser trains and samples (the simulator's truth stays on the CPU).
-    smc_twist_from: the SMC sampler's twist_from (guidance.smc.sample_twisted).
+    smc_twist_from: the SMC sampler's twist_from (guidance.smc.sample_twisted); None: the system's.
     """
     try:
         from scipy import stats
@@ -109,6 +114,8 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
 
     torch.manual_seed(seed)
     system = _system(system_name, threshold)
+    if smc_twist_from is None:
+        smc_twist_from = system.smc_twist_from
     started = time.perf_counter()
     config = WindowConfig(system.name, system.module.DIM, **{**system.denoiser, **(denoiser or {})})
     model = load_or_train(config, system.module.simulate, retrain=retrain, progress=progress, device=device)
@@ -275,9 +282,10 @@ def add_events_parser(subparsers):
     p.add_argument("--num-samples", type=int, default=500, help="samples per plain guidance method")
     p.add_argument("--smc-particles", type=int, default=1000,
                    help="particles of the twisted SMC sampler (a multiple of 4; 0: skip it)")
-    p.add_argument("--smc-twist-from", type=float, default=-math.inf, metavar="LOG_SNR",
-                   help="start the SMC twist (and guidance) at this log-SNR, with unguided steps before (default: "
-                        "from the start; -5.5 suits fitzhugh-nagumo, whose twist is calibrated from there, see "
+    p.add_argument("--smc-twist-from", type=float, default=None, metavar="LOG_SNR",
+                   help="start the SMC twist (and guidance) at this log-SNR, with unguided steps before; "
+                        "--smc-twist-from=-inf: from the start (default: the system's, where its twist is "
+                        "calibrated: -inf for lorenz63, -5.5 for fitzhugh-nagumo, see "
                         "benchmarks/results/events/smc_fitzhugh-nagumo)")
     p.add_argument("--smc-guidance", default="moment",
                    help="comma-separated guidance methods to run inside the SMC sampler (default: moment)")
@@ -332,7 +340,7 @@ def cmd_events(args) -> int:
             (args.train_steps is not None and args.train_steps < 1) or (args.layers is not None and args.layers < 1):
         raise ValueError("--width must be a positive multiple of 8 (GroupNorm's 8 groups), --train-steps and "
                          "--layers positive")
-    if math.isnan(args.smc_twist_from):
+    if args.smc_twist_from is not None and math.isnan(args.smc_twist_from):
         raise ValueError("--smc-twist-from must be a number (a log-SNR)")
     device = _check_device(args.device)
     denoiser = {key: value for key, value in (("width", args.width), ("steps", args.train_steps),
