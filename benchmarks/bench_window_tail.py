@@ -150,8 +150,6 @@ def main():
     parser.add_argument("--train-steps", type=int, default=None)
     parser.add_argument("--layers", type=int, default=None, help="residual blocks of the denoiser (default 8)")
     parser.add_argument("--train-windows", type=int, default=None, help="simulated training windows")
-    parser.add_argument("--attention", action="store_true", default=None,
-                        help="self-attention over time after every fourth block of the conv denoiser")
     parser.add_argument("--num-samples", type=int, default=4000)
     parser.add_argument("--sampler", default="ddpm", help="ddpm (the events command's), ddim, dpmpp2m or heun")
     parser.add_argument("--steps", type=int, default=100)
@@ -169,8 +167,7 @@ def main():
     args = parser.parse_args()
 
     overrides = {k: v for k, v in (("width", args.width), ("steps", args.train_steps), ("layers", args.layers),
-                                       ("train_windows", args.train_windows), ("attention", args.attention))
-                 if v is not None}
+                                       ("train_windows", args.train_windows)) if v is not None}
     system = _system(args.system, None)
     config = WindowConfig(system.name, system.module.DIM, **{**system.denoiser, **overrides})
     reference = None  # the event statistic of the empirical denoiser's windows

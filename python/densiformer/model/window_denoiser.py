@@ -97,10 +97,6 @@ class WindowConfig:
     # linear within about one scale of zero, logarithmic beyond, which brings rare large
     # excursions (FitzHugh-Nagumo's spikes, 8 sigma) within reach of the denoiser.
     asinh_scale: float = 0.0
-    # conv only: a self-attention layer over time after every fourth block (each dilation
-    # cycle), so that positions can compete (where in the window is the spike?), which
-    # convolutions and GroupNorm's global statistics cannot do.
-    attention: bool = False
 
     def __post_init__(self):
         if not self.asinh_scale >= 0:
@@ -110,9 +106,8 @@ class WindowConfig:
         """The config as a dict, leaving out fields added later while they hold their
         default, so that weights cached before them keep their key."""
         fields = asdict(self)
-        for name, off in (("asinh_scale", 0.0), ("attention", False)):
-            if fields[name] == off:
-                del fields[name]
+        if fields["asinh_scale"] == 0.0:
+            del fields["asinh_scale"]
         return fields
 
     def key(self) -> str:
@@ -201,7 +196,7 @@ class ConvWindowDenoiser(nn.Module):
     is its posterior's average standard deviation; F's output convolution starts at zero.
     """
 
-    def __init__(self, length, channels, width, blocks, time_features=32, attention=False):
+    def __init__(self, length, channels, width, blocks, time_features=32):
         super().__init__()
         dim = length * channels
         self.length, self.channels = length, channels
@@ -218,14 +213,6 @@ class ConvWindowDenoiser(nn.Module):
         self.norm2 = nn.ModuleList(nn.GroupNorm(8, width) for _ in dilations)
         self.film = nn.ModuleList(nn.Linear(width, 2 * width) for _ in dilations)
         self.conv2 = nn.ModuleList(nn.Conv1d(width, width, 3, padding=d, dilation=d) for d in dilations)
-        # Attention after blocks 3, 7, ...; its output projection starts at zero like F's.
-        self.attention_after = {i for i in range(blocks) if attention and i % 4 == 3}
-        self.attn_norm = nn.ModuleList(nn.GroupNorm(8, width) for _ in self.attention_after)
-        self.attn = nn.ModuleList(nn.MultiheadAttention(width, max(1, width // 16), batch_first=True)
-                                  for _ in self.attention_after)
-        for attn in self.attn:
-            nn.init.zeros_(attn.out_proj.weight)
-            nn.init.zeros_(attn.out_proj.bias)
         self.out_norm = nn.GroupNorm(8, width)
         self.out = nn.Conv1d(width, channels, 3, padding=1)
         nn.init.zeros_(self.out.weight)
@@ -248,16 +235,10 @@ class ConvWindowDenoiser(nn.Module):
         emb = self.time_mlp(torch.cat([angles.sin(), angles.cos()], -1))
         flat = (-1, u.shape[-1])
         h = self.stem(torch.cat([self.to_time(u.reshape(flat)), self.to_time(x0g.reshape(flat))], -2))
-        attention = iter(zip(self.attn_norm, self.attn))
-        for i, (norm1, conv1, norm2, film, conv2) in enumerate(zip(self.norm1, self.conv1, self.norm2, self.film,
-                                                                   self.conv2)):
+        for norm1, conv1, norm2, film, conv2 in zip(self.norm1, self.conv1, self.norm2, self.film, self.conv2):
             scale, shift = film(emb)[..., None].chunk(2, -2)
             r = conv1(F.silu(norm1(h)))
             h = h + conv2(F.silu(norm2(r) * (1 + scale) + shift))
-            if i in self.attention_after:
-                norm, attn = next(attention)
-                a = norm(h).transpose(-1, -2)  # (batch, time, width)
-                h = h + attn(a, a, a, need_weights=False)[0].transpose(-1, -2)
         out = self.out(F.silu(self.out_norm(h)))
         return out.transpose(-1, -2).reshape(u.shape)
 
@@ -290,8 +271,7 @@ def build_denoiser(config: WindowConfig) -> nn.Module:
     if config.architecture == "conv":
         if config.length < 1 or config.dim % config.length:
             raise ValueError(f"conv needs a window length dividing dim {config.dim}, got {config.length}")
-        return ConvWindowDenoiser(config.length, config.dim // config.length, config.width, config.layers,
-                                  attention=config.attention)
+        return ConvWindowDenoiser(config.length, config.dim // config.length, config.width, config.layers)
     raise ValueError(f"unknown architecture {config.architecture!r}; choose 'mlp' or 'conv'")
 
 
