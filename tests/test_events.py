@@ -301,15 +301,25 @@ def test_events_command_writes_the_table_and_histogram(tmp_path, monkeypatch):
     import dataclasses
     import json
 
-    from densiformer.guidance import cli
+    from densiformer.guidance import cli, scores
+    from densiformer.guidance import smc as smc_module
     from densiformer.guidance.cli import run
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     # Without smc_twist_from the SMC sampler twists from the system's own log-SNR.
     system = cli._system
-    monkeypatch.setattr(cli, "_system", lambda *a: dataclasses.replace(system(*a), smc_twist_from=-3.0))
+    monkeypatch.setattr(cli, "_system", lambda *a: dataclasses.replace(system(*a), smc_twist_from=-6.0))
+    # Every sampler, plain and SMC, takes sampling_steps.
+    steps_seen = []
+    for module, name in ((scores, "sample_with_event"), (smc_module, "sample_twisted")):
+        def spy(*args, _sampler=getattr(module, name), **kwargs):
+            steps_seen.append(kwargs["steps"])
+            return _sampler(*args, **kwargs)
+        monkeypatch.setattr(module, name, spy)
     result = run("lorenz63", out=tmp_path / "out", num_samples=8, smc_particles=16, truth_windows=20_000,
-                 progress=False, denoiser={"steps": 10, "train_windows": 2000, "width": 8, "layers": 2})
+                 progress=False, denoiser={"steps": 10, "train_windows": 2000, "width": 8, "layers": 2},
+                 sampling_steps=50)
+    assert len(steps_seen) == 9 and set(steps_seen) == {50} and result["sampling_steps"] == 50
     assert abs(result["p_true"] - 0.0967) < 4 * result["p_true_se"] + 1e-3
     methods = [r["method"] for r in result["rows"]]
     assert methods == ["unguided", "moment", "moment (std stopped)", "moment (lookahead 4)",
@@ -317,7 +327,7 @@ def test_events_command_writes_the_table_and_histogram(tmp_path, monkeypatch):
     smc = result["rows"][-1]
     assert smc["particles"] == 16 and 1 <= smc["distinct"] <= 16 and smc["p_estimator"] == "SMC"
     assert 0 < smc["ess"] <= 16
-    assert smc["twist_from"] == -3.0
+    assert smc["twist_from"] == -6.0
     saved = json.loads((tmp_path / "out" / "events_lorenz63.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
     assert (tmp_path / "out" / "events_lorenz63.png").stat().st_size > 10_000
@@ -353,6 +363,7 @@ def test_window_denoiser_trains_and_samples_on_cuda_like_on_the_cpu(tmp_path, mo
     (["--smc-particles", "6"], "multiple of 4"),
     (["--smc-guidance", "moment,magic"], "unknown method"),
     (["--smc-twist-from", "nan"], "--smc-twist-from"),
+    (["--sampling-steps", "1"], "--sampling-steps"),
     (["--width", "12"], "multiple of 8"),
     (["--train-steps", "0"], "--train-steps and --layers positive"),
     (["--layers", "0"], "--train-steps and --layers positive"),

@@ -95,12 +95,13 @@ def simulator_truth(system: System, n: int, seed: int, progress: bool) -> np.nda
 
 def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_particles=1000, smc_methods=("moment",),
         smc_twist_from=None, prob_samples=0, truth_windows=1_000_000, seed=0, retrain=False, progress=True,
-        denoiser=None, device="cpu") -> dict:
+        denoiser=None, device="cpu", sampling_steps=100) -> dict:
     """Sample the system's event with every method and compare with the simulator; returns the table.
 
     denoiser: WindowConfig fields that override the system's (a smaller model for tests).
     device: where the denoiser trains and samples (the simulator's truth stays on the CPU).
     smc_twist_from: the SMC sampler's twist_from (guidance.smc.sample_twisted); None: the system's.
+    sampling_steps: DDPM steps of every sampler, plain and SMC.
     """
     try:
         from scipy import stats
@@ -141,7 +142,7 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
     def draw(guidance, options, n):
         t0 = time.perf_counter()
         z = sample_with_event(denoiser, schedule, event_z, (n, k), guidance=guidance, guidance_options=options,
-                              generator=generator, device=device)
+                              steps=sampling_steps, generator=generator, device=device)
         if z.is_cuda:
             torch.cuda.synchronize()
         return z, (time.perf_counter() - t0) / n
@@ -178,7 +179,7 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
         t0 = time.perf_counter()
         result = sample_twisted(denoiser, schedule, event_z, (smc_particles, k), guidance=guidance,
                                 guidance_options=SMC_OPTIONS[guidance], twist_from=smc_twist_from,
-                                generator=generator, device=device)
+                                steps=sampling_steps, generator=generator, device=device)
         if result.x.is_cuda:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - t0) / smc_particles
@@ -202,7 +203,8 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
         row["time_vs_unguided"] = row["ms_per_sample"] / rows[0]["ms_per_sample"]
     result = {"system": system.name, "threshold": system.threshold, "p_true": float(p_true),
               "p_true_se": float(p_true_se), "truth_windows": len(truth_c), "num_samples": num_samples,
-              "smc_particles": smc_particles, "prob_samples": prob_samples, "train_seconds": model.seconds,
+              "smc_particles": smc_particles, "prob_samples": prob_samples, "sampling_steps": sampling_steps,
+              "train_seconds": model.seconds,
               "setup_seconds": trained, "config": model.config.fields(), "config_key": model.config.key(),
               "rows": rows, "seconds": time.perf_counter() - started}
     print(format_table(result))
@@ -225,7 +227,7 @@ def format_table(result: dict) -> str:
     width = max(24, 2 + max(len(r["method"]) for r in result["rows"]))
     lines = [f"{result['system']}: P(E) true = {result['p_true']:.4g} +- {result['p_true_se']:.2g} "
              f"({result['truth_windows']} simulated windows); {result['num_samples']} samples per plain method, "
-             f"{result['smc_particles']} particles per SMC run",
+             f"{result['smc_particles']} particles per SMC run, {result.get('sampling_steps', 100)} DDPM steps",
              f"{'method':<{width}}{'satisfied':>10}{'KS':>7}{'P(E)':>24} {'(how)':<12}{'P(E) importance':>24}"
              f"{'distinct':>9}{'ESS':>7}{'ms/sample':>11}{'x unguided':>11}"]
     for r in result["rows"]:
@@ -295,6 +297,9 @@ def add_events_parser(subparsers):
                    help="guided samples per probability-flow P(E) estimate (default 0: skip it; slow in 180+ "
                         "dimensions)")
     p.add_argument("--truth-windows", type=int, default=1_000_000)
+    p.add_argument("--sampling-steps", type=int, default=100,
+                   help="DDPM steps of every sampler, plain and SMC (default 100; the time per sample grows with "
+                        "them)")
     p.add_argument("--width", type=int, default=None,
                    help="channels of the convolutional denoiser (default 32; 64 matches the simulator's tails "
                         "better at about twice the training and sampling time, see benchmarks/results/events)")
@@ -326,6 +331,8 @@ def cmd_events(args) -> int:
     expected = {"lorenz63": "low-energy", "fitzhugh-nagumo": "spike"}[args.system]
     if args.event not in (None, expected):
         raise ValueError(f"{args.system} has the event {expected!r}, not {args.event!r}")
+    if args.sampling_steps < 2:
+        raise ValueError(f"--sampling-steps must be at least 2, got {args.sampling_steps}")
     if args.num_samples < 2 or not (args.prob_samples == 0 or 2 <= args.prob_samples <= args.num_samples):
         raise ValueError("need --num-samples >= --prob-samples >= 2, or --prob-samples 0")
     from .smc import GROUPS
@@ -348,5 +355,6 @@ def cmd_events(args) -> int:
     run(args.system, threshold=args.threshold, out=args.out, num_samples=args.num_samples,
         smc_particles=args.smc_particles, smc_methods=smc_methods,
         smc_twist_from=args.smc_twist_from, prob_samples=args.prob_samples,
-        truth_windows=args.truth_windows, seed=args.seed, retrain=args.retrain, denoiser=denoiser, device=device)
+        truth_windows=args.truth_windows, seed=args.seed, retrain=args.retrain, denoiser=denoiser, device=device,
+        sampling_steps=args.sampling_steps)
     return 0
