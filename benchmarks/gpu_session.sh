@@ -10,6 +10,10 @@
 #   events    (issue #7, not in the default list) FitzHugh-Nagumo's spike event with a width-64
 #             denoiser trained 10x longer on the GPU: its unguided spike rate, then the event
 #             table; brings back the tables, the histograms and the trained weights (cache/)
+#   events_steps  (issue #7, after events, with the same carry) does the sampler's
+#             discretisation cost spikes? The exact denoiser of 20,000 simulated windows at 100
+#             and 400 DDPM steps (16,000 samples: on 2 CPU cores 4,000 gave 0.0095 +- 0.0015 at
+#             100 steps against the windows' 0.0147), then the trained network at 400 steps
 #
 #   bash benchmarks/gpu_session.sh [STAGE ...]      (default: build test bench sanitize)
 #
@@ -119,11 +123,24 @@ stage_events() {
   cp -r "benchmarks/results/events/width${width}_steps${steps}"* "$OUT_DIR/" 2>/dev/null || true
 }
 
+stage_events_steps() {
+  local width="${EVENTS_WIDTH:-64}" steps="${EVENTS_STEPS:-30000}"
+  export XDG_CACHE_HOME="$OUT_DIR/cache"
+  mkdir -p "$XDG_CACHE_HOME/densiformer"
+  [ -d .gpu_cache ] && cp -r .gpu_cache/. "$XDG_CACHE_HOME/densiformer/"
+  for ddpm in 100 400; do
+    step "tail_empirical_ddpm$ddpm" 90 "$PY" benchmarks/bench_window_tail.py fitzhugh-nagumo --empirical 20000 \
+      --num-samples 16000 --steps "$ddpm" --device cuda --out "$OUT_DIR/tail_empirical_ddpm$ddpm.json"
+  done
+  step tail_network_ddpm400 120 "$PY" benchmarks/bench_window_tail.py fitzhugh-nagumo --width "$width" \
+    --train-steps "$steps" --num-samples 16000 --steps 400 --device cuda --out "$OUT_DIR/tail_ddpm400.json"
+}
+
 for stage in "${@:-build test bench sanitize}"; do
   for s in $stage; do
     case "$s" in
-      build | test | sanitize | bench | events) "stage_$s" || true ;;
-      *) echo "unknown stage $s (build, test, sanitize, bench, events)" >&2; exit 2 ;;
+      build | test | sanitize | bench | events | events_steps) "stage_$s" || true ;;
+      *) echo "unknown stage $s (build, test, sanitize, bench, events, events_steps)" >&2; exit 2 ;;
     esac
   done
 done
