@@ -10,10 +10,10 @@
 #   events    (issue #7, not in the default list) FitzHugh-Nagumo's spike event with a width-64
 #             denoiser trained 10x longer on the GPU: its unguided spike rate, then the event
 #             table; brings back the tables, the histograms and the trained weights (cache/)
-#   events_steps  (issue #7, after events, with the same carry) does the sampler's
-#             discretisation cost spikes? The exact denoiser of 20,000 simulated windows at 100
-#             and 400 DDPM steps (16,000 samples: on 2 CPU cores 4,000 gave 0.0095 +- 0.0015 at
-#             100 steps against the windows' 0.0147), then the trained network at 400 steps
+#   events_steps  (issue #7, after events, with the same carry) the trained network at 400 DDPM
+#             steps: its unguided spike rate (16,000 samples), then the event table. On 2 CPU
+#             cores the exact denoiser of 5,000 windows keeps 44% of the spike mode at 100 DDPM
+#             steps, 83% at 400 and all of it with Heun-50 (benchmarks/results/events/tails)
 #
 #   bash benchmarks/gpu_session.sh [STAGE ...]      (default: build test bench sanitize)
 #
@@ -108,7 +108,7 @@ stage_events() {
   # The weights land in $OUT_DIR/cache (copy to ~/.cache/densiformer to evaluate them anywhere).
   # A training cut off by its step's time limit (SIGTERM) leaves its checkpoint there:
   # copy $OUT_DIR/cache/densiformer/. into .gpu_cache/ and call again to resume it.
-  # On 2 CPU cores width 64 / 6000 steps gave 0.45% spikes against 1.38% (width 32 / 3000:
+  # On 2 CPU cores width 64 / 6000 steps gave 0.45% spikes against 1.38%, 12000 steps 0.57% (width 32 / 3000:
   # 0.2-0.3%); EVENTS_WIDTH and EVENTS_STEPS (default 64 and 30000) set the GPU's run, where
   # a wider network costs little more per step.
   local width="${EVENTS_WIDTH:-64}" steps="${EVENTS_STEPS:-30000}"
@@ -128,12 +128,12 @@ stage_events_steps() {
   export XDG_CACHE_HOME="$OUT_DIR/cache"
   mkdir -p "$XDG_CACHE_HOME/densiformer"
   [ -d .gpu_cache ] && cp -r .gpu_cache/. "$XDG_CACHE_HOME/densiformer/"
-  for ddpm in 100 400; do
-    step "tail_empirical_ddpm$ddpm" 90 "$PY" benchmarks/bench_window_tail.py fitzhugh-nagumo --empirical 20000 \
-      --num-samples 16000 --steps "$ddpm" --device cuda --out "$OUT_DIR/tail_empirical_ddpm$ddpm.json"
-  done
-  step tail_network_ddpm400 120 "$PY" benchmarks/bench_window_tail.py fitzhugh-nagumo --width "$width" \
+  step tail_network_ddpm400 150 "$PY" benchmarks/bench_window_tail.py fitzhugh-nagumo --width "$width" \
     --train-steps "$steps" --num-samples 16000 --steps 400 --device cuda --out "$OUT_DIR/tail_ddpm400.json"
+  step events_ddpm400 240 "$PY" benchmarks/bench_events.py --systems fitzhugh-nagumo --width "$width" \
+    --train-steps "$steps" --smc-guidance moment --sampling-steps 400 --device cuda \
+    --out "$OUT_DIR/events_fitzhugh-nagumo_ddpm400.json"
+  cp -r "benchmarks/results/events/width${width}_steps${steps}_ddpm400" "$OUT_DIR/" 2>/dev/null || true
 }
 
 for stage in "${@:-build test bench sanitize}"; do
