@@ -49,7 +49,7 @@ def main():
                          threshold=args.threshold, denoiser=denoiser, num_samples=args.num_samples,
                          smc_particles=args.smc_particles, smc_methods=tuple(args.smc_guidance.split(",")),
                          prob_samples=args.prob_samples, truth_windows=args.truth_windows, device=args.device,
-                         sampling_steps=args.sampling_steps or 100)
+                         **({"sampling_steps": args.sampling_steps} if args.sampling_steps else {}))
                for name in args.systems.split(",")}
     write_result("events", {"device": device_info(torch.device(args.device)), "threads": torch.get_num_threads(),
                             "results": results}, args.out)

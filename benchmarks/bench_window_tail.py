@@ -167,7 +167,7 @@ def main():
     args = parser.parse_args()
 
     overrides = {k: v for k, v in (("width", args.width), ("steps", args.train_steps), ("layers", args.layers),
-                                       ("train_windows", args.train_windows)) if v is not None}
+                                   ("train_windows", args.train_windows)) if v is not None}
     system = _system(args.system, None)
     config = WindowConfig(system.name, system.module.DIM, **{**system.denoiser, **overrides})
     reference = None  # the event statistic of the empirical denoiser's windows

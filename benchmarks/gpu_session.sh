@@ -97,6 +97,13 @@ stage_bench() {
   step bench_attention 80 "$PY" benchmarks/bench_attention.py --out "$OUT_DIR/attention_gpu.json"
 }
 
+# The events stages' cache: weights and truth carried in .gpu_cache, brought back in $OUT_DIR/cache.
+events_cache() {
+  export XDG_CACHE_HOME="$OUT_DIR/cache"
+  mkdir -p "$XDG_CACHE_HOME/densiformer"
+  [ -d .gpu_cache ] && cp -r .gpu_cache/. "$XDG_CACHE_HOME/densiformer/"
+}
+
 stage_events() {
   # Lorenz-63 meets its figures with CPU-trained denoisers; FitzHugh-Nagumo's spike mode
   # is what CPU training budgets could not learn (benchmarks/results/events/tails), so
@@ -112,9 +119,7 @@ stage_events() {
   # 0.2-0.3%); EVENTS_WIDTH and EVENTS_STEPS (default 64 and 30000) set the GPU's run, where
   # a wider network costs little more per step.
   local width="${EVENTS_WIDTH:-64}" steps="${EVENTS_STEPS:-30000}"
-  export XDG_CACHE_HOME="$OUT_DIR/cache"
-  mkdir -p "$XDG_CACHE_HOME/densiformer"
-  [ -d .gpu_cache ] && cp -r .gpu_cache/. "$XDG_CACHE_HOME/densiformer/"
+  events_cache
   step test_events 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_events.py -k cuda
   step tail_fitzhugh_nagumo 300 "$PY" benchmarks/bench_window_tail.py fitzhugh-nagumo --width "$width" \
     --train-steps "$steps" --device cuda --out "$OUT_DIR/tail_fitzhugh-nagumo.json"
@@ -125,9 +130,7 @@ stage_events() {
 
 stage_events_steps() {
   local width="${EVENTS_WIDTH:-64}" steps="${EVENTS_STEPS:-30000}"
-  export XDG_CACHE_HOME="$OUT_DIR/cache"
-  mkdir -p "$XDG_CACHE_HOME/densiformer"
-  [ -d .gpu_cache ] && cp -r .gpu_cache/. "$XDG_CACHE_HOME/densiformer/"
+  events_cache
   step tail_network_ddpm400 150 "$PY" benchmarks/bench_window_tail.py fitzhugh-nagumo --width "$width" \
     --train-steps "$steps" --num-samples 16000 --steps 400 --device cuda --out "$OUT_DIR/tail_ddpm400.json"
   step events_ddpm400 240 "$PY" benchmarks/bench_events.py --systems fitzhugh-nagumo --width "$width" \

@@ -204,8 +204,7 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
     result = {"system": system.name, "threshold": system.threshold, "p_true": float(p_true),
               "p_true_se": float(p_true_se), "truth_windows": len(truth_c), "num_samples": num_samples,
               "smc_particles": smc_particles, "prob_samples": prob_samples, "sampling_steps": sampling_steps,
-              "train_seconds": model.seconds,
-              "setup_seconds": trained, "config": model.config.fields(), "config_key": model.config.key(),
+              "train_seconds": model.seconds, "setup_seconds": trained, "config": model.config.fields(), "config_key": model.config.key(),
               "rows": rows, "seconds": time.perf_counter() - started}
     print(format_table(result))
     if out is not None:
@@ -227,7 +226,7 @@ def format_table(result: dict) -> str:
     width = max(24, 2 + max(len(r["method"]) for r in result["rows"]))
     lines = [f"{result['system']}: P(E) true = {result['p_true']:.4g} +- {result['p_true_se']:.2g} "
              f"({result['truth_windows']} simulated windows); {result['num_samples']} samples per plain method, "
-             f"{result['smc_particles']} particles per SMC run, {result.get('sampling_steps', 100)} DDPM steps",
+             f"{result['smc_particles']} particles per SMC run, {result['sampling_steps']} DDPM steps",
              f"{'method':<{width}}{'satisfied':>10}{'KS':>7}{'P(E)':>24} {'(how)':<12}{'P(E) importance':>24}"
              f"{'distinct':>9}{'ESS':>7}{'ms/sample':>11}{'x unguided':>11}"]
     for r in result["rows"]:
