@@ -5,6 +5,7 @@ import torch
 
 import densiformer as dfm
 from densiformer.datasets import fitzhugh_nagumo, lorenz63
+from densiformer.diffusion.schedules import BandedSchedule
 
 
 def test_lorenz_windows_shape_determinism_and_attractor():
@@ -306,20 +307,25 @@ def test_events_command_writes_the_table_and_histogram(tmp_path, monkeypatch):
     from densiformer.guidance.cli import run
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    # Without smc_twist_from the SMC sampler twists from the system's own log-SNR.
+    # Without smc_twist_from and sampling_band the SMC sampler twists from the system's own
+    # log-SNR and every sampler steps on the system's banded grid.
     system = cli._system
-    monkeypatch.setattr(cli, "_system", lambda *a: dataclasses.replace(system(*a), smc_twist_from=-6.0))
-    # Every sampler, plain and SMC, takes sampling_steps.
-    steps_seen = []
+    monkeypatch.setattr(cli, "_system", lambda *a: dataclasses.replace(system(*a), smc_twist_from=-6.0,
+                                                                         sampling_band=(-8.0, -4.0)))
+    # Every sampler, plain and SMC, takes sampling_steps and the banded schedule.
+    steps_seen, bands_seen = [], []
     for module, name in ((scores, "sample_with_event"), (smc_module, "sample_twisted")):
-        def spy(*args, _sampler=getattr(module, name), **kwargs):
+        def spy(denoiser, schedule, *args, _sampler=getattr(module, name), **kwargs):
             steps_seen.append(kwargs["steps"])
-            return _sampler(*args, **kwargs)
+            bands_seen.append((schedule.lo, schedule.hi, schedule.density) if isinstance(schedule, BandedSchedule)
+                              else None)
+            return _sampler(denoiser, schedule, *args, **kwargs)
         monkeypatch.setattr(module, name, spy)
     result = run("lorenz63", out=tmp_path / "out", num_samples=8, smc_particles=16, truth_windows=20_000,
                  progress=False, denoiser={"steps": 10, "train_windows": 2000, "width": 8, "layers": 2},
                  sampling_steps=50)
     assert len(steps_seen) == 9 and set(steps_seen) == {50} and result["sampling_steps"] == 50
+    assert set(bands_seen) == {(-8.0, -4.0, cli.BAND_DENSITY)} and result["sampling_band"] == [-8.0, -4.0]
     assert abs(result["p_true"] - 0.0967) < 4 * result["p_true_se"] + 1e-3
     methods = [r["method"] for r in result["rows"]]
     assert methods == ["unguided", "moment", "moment (std stopped)", "moment (lookahead 4)",
@@ -364,6 +370,8 @@ def test_window_denoiser_trains_and_samples_on_cuda_like_on_the_cpu(tmp_path, mo
     (["--smc-guidance", "moment,magic"], "unknown method"),
     (["--smc-twist-from", "nan"], "--smc-twist-from"),
     (["--sampling-steps", "1"], "--sampling-steps"),
+    (["--sampling-band=-2,-6"], "finite LO < HI"),
+    (["--sampling-band", "wide"], "LO,HI (two log-SNRs) or none"),
     (["--width", "12"], "multiple of 8"),
     (["--train-steps", "0"], "--train-steps and --layers positive"),
     (["--layers", "0"], "--train-steps and --layers positive"),
@@ -377,3 +385,11 @@ def test_events_command_rejects_bad_options_before_any_work(flags, message, caps
 
     assert main(["events", "lorenz63", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_sampling_band_option_reads_a_band_none_or_the_systems():
+    from densiformer.guidance.cli import _parse_band, _system
+
+    assert _parse_band(None) == "system" and _parse_band("None") is None and _parse_band("-8,-4.5") == (-8.0, -4.5)
+    assert _system("fitzhugh-nagumo", None).sampling_band == (-8.0, -4.0)
+    assert _system("lorenz63", None).sampling_band is None

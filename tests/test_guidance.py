@@ -16,7 +16,7 @@ from scipy import stats
 
 from analytic import GaussianTarget
 from densiformer import events
-from densiformer.diffusion.schedules import CosineSchedule, alpha_sigma
+from densiformer.diffusion.schedules import BandedSchedule, CosineSchedule, alpha_sigma
 from densiformer.guidance import event_probability, monte_carlo_probability, sample_with_event
 from densiformer.guidance.scores import _log_likelihood, as_eps_fn, guidance_terms, guided_eps_fn, log_ndtr_diff
 from densiformer.guidance.smc import sample_twisted, weighted_ks
@@ -34,9 +34,9 @@ def ks_critical(n, alpha=0.001):
     return math.sqrt(-0.5 * math.log(alpha / 2) / n)
 
 
-def draw(event, n=1000, guidance="moment", options=None, seed=0, **kw):
+def draw(event, n=1000, guidance="moment", options=None, seed=0, schedule=SCHEDULE, **kw):
     gen = torch.Generator().manual_seed(seed)
-    return sample_with_event(TARGET.eps, SCHEDULE, event, (n, 2), guidance=guidance, guidance_options=options,
+    return sample_with_event(TARGET.eps, schedule, event, (n, 2), guidance=guidance, guidance_options=options,
                              generator=gen, dtype=torch.float64, **kw)
 
 
@@ -104,9 +104,9 @@ def test_baselines_are_worse_than_moment_at_matching_the_conditional():
     assert ks["dps"] > 2 * ks["moment"] and ks["interval"] > 2 * ks["moment"]
 
 
-def twisted(guidance, options, n=2000, seed=0, steps=400, twist_from=-math.inf):
+def twisted(guidance, options, n=2000, seed=0, steps=400, twist_from=-math.inf, schedule=SCHEDULE):
     t = W_MEAN + 2 * W_STD
-    r = sample_twisted(TARGET.eps, SCHEDULE, events.Above(f_sum, t), (n, 2), guidance=guidance,
+    r = sample_twisted(TARGET.eps, schedule, events.Above(f_sum, t), (n, 2), guidance=guidance,
                        guidance_options=options, steps=steps, twist_from=twist_from,
                        generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     return r, f_sum(r.x).numpy(), t
@@ -117,12 +117,14 @@ def twisted(guidance, options, n=2000, seed=0, steps=400, twist_from=-math.inf):
 CHAIN_BIAS = 0.034
 
 
-def test_twisted_smc_moment_targets_the_chain_conditioned_on_the_event():
+@pytest.mark.parametrize("schedule", [SCHEDULE, BandedSchedule(SCHEDULE, -4.0, 0.0)], ids=["cosine", "banded"])
+def test_twisted_smc_moment_targets_the_chain_conditioned_on_the_event(schedule):
     # What SMC samples is the unguided DDPM chain conditioned on E. At 100 steps that chain
-    # is 10% short of the target's tail, so compare with the chain itself, by brute force.
-    r, f, t = twisted("moment", {}, steps=100)
+    # is 10% short of the target's tail, so compare with the chain itself, by brute force;
+    # on a banded grid too (the events command's FitzHugh-Nagumo samplers).
+    r, f, t = twisted("moment", {}, steps=100, schedule=schedule)
     chain = f_sum(draw(events.Above(f_sum, t), n=200_000, guidance="dps", options={"step_size": 0.0}, steps=100,
-                       seed=5)).numpy()
+                       seed=5, schedule=schedule)).numpy()
     in_chain = chain[chain > t]
     p_chain, se_chain = len(in_chain) / len(chain), math.sqrt(len(in_chain)) / len(chain)
     assert (f > t).all() and r.p_se > 0
