@@ -1,7 +1,7 @@
 """How much unguided mass a window denoiser puts on an event's tail, and where it loses it.
 
     python benchmarks/bench_window_tail.py fitzhugh-nagumo [--width 32] [--train-steps 3000] [--layers 8]
-        [--num-samples 4000] [--sampler ddpm --steps 100] [--thresholds 0.2,0.5,0.7]
+        [--num-samples 4000] [--sampler ddpm --steps 100] [--band LO,HI] [--thresholds 0.2,0.5,0.7]
         [--restart=-8,-6,-5,-4,-2,0] [--empirical 20000] [--x0-check=-6,-4,-2,0,2] [--out results.json]
 
 SMC estimates the *model's* P(E) without bias, so the model's unguided tail sets how
@@ -33,7 +33,9 @@ log-SNR: the mean squared error of each (model coordinates) and the fraction of 
 in the event. At the noise levels where the reference spreads its weight over many
 windows, its posterior mean is close to the true one, so a model error well above the
 reference's there is the network's.
---num-samples 0 skips the unguided samples.
+--num-samples 0 skips the unguided samples. --band LO,HI samples on the schedule
+re-timed so that the steps are 8x denser in that log-SNR band (the events command's
+--sampling-band; default: none, the schedule's own grid).
 """
 from __future__ import annotations
 
@@ -46,8 +48,8 @@ from scipy import stats
 
 from densiformer.diffusion import samplers
 from densiformer.diffusion.empirical import EmpiricalDenoiser
-from densiformer.diffusion.schedules import Schedule, alpha_sigma
-from densiformer.guidance.cli import _system, constraint, simulator_truth
+from densiformer.diffusion.schedules import BandedSchedule, Schedule, alpha_sigma
+from densiformer.guidance.cli import BAND_DENSITY, _parse_band, _system, constraint, simulator_truth
 from densiformer.guidance.scores import as_eps_fn
 from densiformer.model.window_denoiser import WindowConfig, WindowModel, load_or_train, per_channel_standardisation
 
@@ -153,6 +155,7 @@ def main():
     parser.add_argument("--num-samples", type=int, default=4000)
     parser.add_argument("--sampler", default="ddpm", help="ddpm (the events command's), ddim, dpmpp2m or heun")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--band", default=None, help="log-SNR band LO,HI of 8x denser sampling steps")
     parser.add_argument("--thresholds", default=None, help="comma-separated event thresholds (default: the system's)")
     parser.add_argument("--restart", default=None,
                         help="comma-separated starting log-SNRs for the restart diagnostic (write --restart=-8,-4)")
@@ -180,12 +183,14 @@ def main():
     generator = torch.Generator(args.device).manual_seed(args.seed)
 
     thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else [system.threshold]
+    band = _parse_band(args.band) if args.band else None
+    schedule = model.schedule if band is None else BandedSchedule(model.schedule, *band, BAND_DENSITY)
     rows, ks = [], None
     if args.num_samples > 0:
         started = time.perf_counter()
         noise = torch.randn((args.num_samples, system.module.DIM), generator=generator, device=args.device)
         with torch.no_grad():
-            z = samplers.sample(args.sampler, as_eps_fn(model.denoiser), noise, model.schedule, args.steps,
+            z = samplers.sample(args.sampler, as_eps_fn(model.denoiser), noise, schedule, args.steps,
                                 generator=generator)
         values = system.fn(model.to_physical(z)).cpu().numpy()
         sample_seconds = time.perf_counter() - started
@@ -204,7 +209,7 @@ def main():
         ks = float(stats.ks_2samp(values, truth).statistic)
         what = (f"the exact denoiser of {args.empirical} simulated windows" if args.empirical else
                 f"{config.key()} ({overrides or 'defaults'}), trained in {model.seconds / 60:.1f} min")
-        print(f"{args.system}, {what}, {args.sampler} {args.steps} steps: KS of the event statistic {ks:.3f}, "
+        print(f"{args.system}, {what}, {args.sampler} {args.steps} steps{f' (band {band})' if band else ''}: KS of the event statistic {ks:.3f}, "
               f"{args.num_samples} samples in {sample_seconds:.0f} s")
         print(f"{'threshold':>10}{'model':>18}{'simulator':>11}{'ratio':>8}{'KS in E':>9}"
               + (f"{'reference':>11}" if args.empirical else ""))
@@ -225,10 +230,12 @@ def main():
     tag = "_".join([f"{k}{v}" for k, v in overrides.items()]
                    + ([f"empirical{args.empirical}"] if args.empirical else [])
                    + (["x0check"] if args.x0_check else [])
-                   + ([] if (args.sampler, args.steps) == ("ddpm", 100) else [f"{args.sampler}{args.steps}"]))
+                   + ([] if (args.sampler, args.steps) == ("ddpm", 100) else [f"{args.sampler}{args.steps}"])
+                   + ([f"band{band[0]:g},{band[1]:g}"] if band else []))
     write_result("window_tail", {"device": device_info(torch.device(args.device)), "system": args.system,
                                  "config": config.fields(), "config_key": config.key(), "empirical": args.empirical,
                                  "train_seconds": model.seconds, "sampler": args.sampler, "steps": args.steps,
+                                 "band": None if band is None else list(band), "band_density": BAND_DENSITY,
                                  "num_samples": args.num_samples, "ks_all": ks, "rows": rows, "restart": restart,
                                  "x0_check": checks},
                  args.out or str(RESULTS / "events" / "tails" / f"{args.system}_{tag or 'defaults'}.json"))
