@@ -122,7 +122,7 @@ stage_events() {
   events_cache
   step test_events 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_events.py -k cuda
   step tail_fitzhugh_nagumo 300 "$PY" benchmarks/bench_window_tail.py fitzhugh-nagumo --width "$width" \
-    --train-steps "$steps" --band=-8,-4 --device cuda --out "$OUT_DIR/tail_fitzhugh-nagumo.json"
+    --train-steps "$steps" --num-samples 16000 --band=-8,-4 --device cuda --out "$OUT_DIR/tail_fitzhugh-nagumo.json"
   step events_fitzhugh_nagumo 120 "$PY" benchmarks/bench_events.py --systems fitzhugh-nagumo --width "$width" \
     --train-steps "$steps" --smc-guidance moment --device cuda --out "$OUT_DIR/events_fitzhugh-nagumo.json"
   cp -r "benchmarks/results/events/width${width}_steps${steps}"* "$OUT_DIR/" 2>/dev/null || true
