@@ -48,8 +48,8 @@ from scipy import stats
 
 from densiformer.diffusion import samplers
 from densiformer.diffusion.empirical import EmpiricalDenoiser
-from densiformer.diffusion.schedules import BandedSchedule, Schedule, alpha_sigma
-from densiformer.guidance.cli import BAND_DENSITY, _parse_band, _system, constraint, simulator_truth
+from densiformer.diffusion.schedules import Schedule, alpha_sigma
+from densiformer.guidance.cli import BAND_DENSITY, _parse_band, _system, constraint, sampling_schedule, simulator_truth
 from densiformer.guidance.scores import as_eps_fn
 from densiformer.model.window_denoiser import WindowConfig, WindowModel, load_or_train, per_channel_standardisation
 
@@ -184,7 +184,7 @@ def main():
 
     thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else [system.threshold]
     band = _parse_band(args.band) if args.band else None
-    schedule = model.schedule if band is None else BandedSchedule(model.schedule, *band, BAND_DENSITY)
+    schedule = sampling_schedule(model.schedule, band)
     rows, ks = [], None
     if args.num_samples > 0:
         started = time.perf_counter()
@@ -209,7 +209,8 @@ def main():
         ks = float(stats.ks_2samp(values, truth).statistic)
         what = (f"the exact denoiser of {args.empirical} simulated windows" if args.empirical else
                 f"{config.key()} ({overrides or 'defaults'}), trained in {model.seconds / 60:.1f} min")
-        print(f"{args.system}, {what}, {args.sampler} {args.steps} steps{f' (band {band})' if band else ''}: KS of the event statistic {ks:.3f}, "
+        grid = f" (band {band})" if band else ""
+        print(f"{args.system}, {what}, {args.sampler} {args.steps} steps{grid}: KS of the event statistic {ks:.3f}, "
               f"{args.num_samples} samples in {sample_seconds:.0f} s")
         print(f"{'threshold':>10}{'model':>18}{'simulator':>11}{'ratio':>8}{'KS in E':>9}"
               + (f"{'reference':>11}" if args.empirical else ""))

@@ -128,7 +128,7 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
     system = _system(system_name, threshold)
     if smc_twist_from is None:
         smc_twist_from = system.smc_twist_from
-    if isinstance(sampling_band, str) and sampling_band == "system":
+    if sampling_band == "system":
         sampling_band = system.sampling_band
     started = time.perf_counter()
     config = WindowConfig(system.name, system.module.DIM, **{**system.denoiser, **(denoiser or {})})
@@ -144,7 +144,7 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
     event_z = event(system).compose(model.to_physical)
     denoiser, schedule = model.denoiser, model.schedule
     # The samplers walk the banded grid; the probability-flow ODE keeps the model's schedule.
-    sampling_schedule = schedule if sampling_band is None else BandedSchedule(schedule, *sampling_band, BAND_DENSITY)
+    sampler_schedule = sampling_schedule(schedule, sampling_band)
     k = system.module.DIM
     generator = torch.Generator(device).manual_seed(seed)
 
@@ -156,8 +156,8 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
 
     def draw(guidance, options, n):
         t0 = time.perf_counter()
-        z = sample_with_event(denoiser, sampling_schedule, event_z, (n, k), guidance=guidance, guidance_options=options,
-                              steps=sampling_steps, generator=generator, device=device)
+        z = sample_with_event(denoiser, sampler_schedule, event_z, (n, k), guidance=guidance,
+                              guidance_options=options, steps=sampling_steps, generator=generator, device=device)
         if z.is_cuda:
             torch.cuda.synchronize()
         return z, (time.perf_counter() - t0) / n
@@ -192,7 +192,7 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
             print(f"  {label}: done", flush=True)
     for guidance in smc_methods if smc_particles else ():
         t0 = time.perf_counter()
-        result = sample_twisted(denoiser, sampling_schedule, event_z, (smc_particles, k), guidance=guidance,
+        result = sample_twisted(denoiser, sampler_schedule, event_z, (smc_particles, k), guidance=guidance,
                                 guidance_options=SMC_OPTIONS[guidance], twist_from=smc_twist_from,
                                 steps=sampling_steps, generator=generator, device=device)
         if result.x.is_cuda:
@@ -220,7 +220,8 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
               "p_true_se": float(p_true_se), "truth_windows": len(truth_c), "num_samples": num_samples,
               "smc_particles": smc_particles, "prob_samples": prob_samples, "sampling_steps": sampling_steps,
               "sampling_band": None if sampling_band is None else [float(v) for v in sampling_band],
-              "train_seconds": model.seconds, "setup_seconds": trained, "config": model.config.fields(), "config_key": model.config.key(),
+              "train_seconds": model.seconds, "setup_seconds": trained, "config": model.config.fields(),
+              "config_key": model.config.key(),
               "rows": rows, "seconds": time.perf_counter() - started}
     print(format_table(result))
     if out is not None:
@@ -238,16 +239,19 @@ def _label(guidance: str, options: dict) -> str:
     return guidance + (f" ({', '.join(details)})" if details else "")
 
 
-def _band_note(band) -> str:
-    return "" if band is None else f" ({BAND_DENSITY:g}x denser in log-SNR [{band[0]:g}, {band[1]:g}])"
+def sampling_schedule(schedule, band):
+    """The schedule the samplers walk: `schedule` itself, or with BAND_DENSITY times denser
+    steps in the log-SNR band (lo, hi)."""
+    return schedule if band is None else BandedSchedule(schedule, *band, BAND_DENSITY)
 
 
 def format_table(result: dict) -> str:
+    band = result["sampling_band"]
     width = max(24, 2 + max(len(r["method"]) for r in result["rows"]))
     lines = [f"{result['system']}: P(E) true = {result['p_true']:.4g} +- {result['p_true_se']:.2g} "
              f"({result['truth_windows']} simulated windows); {result['num_samples']} samples per plain method, "
              f"{result['smc_particles']} particles per SMC run, {result['sampling_steps']} DDPM steps"
-             + _band_note(result.get("sampling_band")),
+             + ("" if band is None else f" ({BAND_DENSITY:g}x denser in log-SNR [{band[0]:g}, {band[1]:g}])"),
              f"{'method':<{width}}{'satisfied':>10}{'KS':>7}{'P(E)':>24} {'(how)':<12}{'P(E) importance':>24}"
              f"{'distinct':>9}{'ESS':>7}{'ms/sample':>11}{'x unguided':>11}"]
     for r in result["rows"]:
