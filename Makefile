@@ -13,7 +13,7 @@ $(STAMP): setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*/*.
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test,io,ray,events]"
+	$(PY) -m pip install --quiet -e ".[test,io,ray]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -112,8 +112,6 @@ setup(
         "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "scikit-learn>=1.3",
                  "triton>=3.0; platform_system == \"Linux\""],
         "io": ["astropy>=5.3", "h5py>=3.8"],
-        # `densiformer events` (its KS statistics).
-        "events": ["scipy>=1.10"],
         "ray": ["ray[data]>=2.9"],
     },
     entry_points={"console_scripts": ["densiformer=densiformer.cli:main"]},

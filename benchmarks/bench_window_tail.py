@@ -1,16 +1,17 @@
 """How much unguided mass a window denoiser puts on an event's tail, and where it loses it.
 
     python benchmarks/bench_window_tail.py fitzhugh-nagumo [--width 32] [--train-steps 3000] [--layers 8]
-        [--num-samples 4000] [--sampler ddpm --steps 100] [--band LO,HI] [--thresholds 0.2,0.5,0.7]
+        [--tail-weight 10] [--num-samples 4000] [--sampler ddpm --steps 100] [--band LO,HI] [--thresholds 0.2,0.5,0.7]
         [--restart=-8,-6,-5,-4,-2,0] [--empirical 20000] [--x0-check=-6,-4,-2,0,2] [--out results.json]
 
 SMC estimates the *model's* P(E) without bias, so the model's unguided tail sets how
 close any P(E) can get to the truth. This trains (or loads from the cache) the denoiser
 of `densiformer events <system>` with the given overrides, draws unguided samples and
 reports, per threshold, the model's event rate against the simulator's (10^6 windows,
-the events command's cached truth) with binomial standard errors, the KS statistic of
-the event statistic over all windows and, per threshold, of C(x) among the samples in
-the event against the simulator's conditional.
+the events command's cached truth) with binomial standard errors (a tail-tilted
+denoiser's samples weighted back by 1 / w, self-normalised), the KS statistic of the
+event statistic over all windows and, per threshold, of C(x) among the samples in the
+event against the simulator's conditional.
 
 --restart LAMS finds the noise level where the model loses the event's mass: it noises
 simulated windows (in the event and not, at the system's threshold) to each log-SNR lam,
@@ -41,15 +42,17 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
-from scipy import stats
 
 from densiformer.diffusion import samplers
 from densiformer.diffusion.empirical import EmpiricalDenoiser
 from densiformer.diffusion.schedules import Schedule, alpha_sigma
 from densiformer.guidance.cli import BAND_DENSITY, _parse_band, _system, constraint, sampling_schedule, simulator_truth
+from densiformer.guidance.probability import weighted_estimate
+from densiformer.guidance.smc import weighted_ks
 from densiformer.guidance.scores import as_eps_fn
 from densiformer.model.window_denoiser import WindowConfig, WindowModel, load_or_train, per_channel_standardisation
 
@@ -75,7 +78,7 @@ def empirical_model(system, config: WindowConfig, n: int) -> tuple[WindowModel, 
     windows = np.asarray(system.module.simulate(n, 123), dtype=np.float64)
     mean, basis = per_channel_standardisation(windows, config.length)
     points = torch.from_numpy((windows - mean) / np.diag(basis)).float()
-    model = WindowModel(config, EmpiricalDenoiser(points), mean, basis, 0.0)
+    model = WindowModel(replace(config, tail_weight=1.0), EmpiricalDenoiser(points), mean, basis, 0.0)
     return model, system.fn(torch.from_numpy(windows)).numpy()
 
 
@@ -151,6 +154,8 @@ def main():
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--train-steps", type=int, default=None)
     parser.add_argument("--layers", type=int, default=None, help="residual blocks of the denoiser (default 8)")
+    parser.add_argument("--tail-weight", type=float, default=None,
+                        help="the tail tilt's weight (WindowConfig.tail_weight; 1: untilted; default: the system's)")
     parser.add_argument("--train-windows", type=int, default=None, help="simulated training windows")
     parser.add_argument("--num-samples", type=int, default=4000)
     parser.add_argument("--sampler", default="ddpm", help="ddpm (the events command's), ddim, dpmpp2m or heun")
@@ -170,7 +175,8 @@ def main():
     args = parser.parse_args()
 
     overrides = {k: v for k, v in (("width", args.width), ("steps", args.train_steps), ("layers", args.layers),
-                                   ("train_windows", args.train_windows)) if v is not None}
+                                   ("train_windows", args.train_windows), ("tail_weight", args.tail_weight))
+                 if v is not None}
     system = _system(args.system, None)
     config = WindowConfig(system.name, system.module.DIM, **{**system.denoiser, **overrides})
     reference = None  # the event statistic of the empirical denoiser's windows
@@ -193,20 +199,23 @@ def main():
             z = samplers.sample(args.sampler, as_eps_fn(model.denoiser), noise, schedule, args.steps,
                                 generator=generator)
         values = system.fn(model.to_physical(z)).cpu().numpy()
+        untilt = -model.log_tilt(z).cpu().double()  # log 1 / w: zeros without a tilt
         sample_seconds = time.perf_counter() - started
         for threshold in thresholds:
             at = _system(args.system, threshold)
             c_model, c_true = constraint(at, values), constraint(at, truth)
-            p_model, p_true = float((c_model > 0).mean()), float((c_true > 0).mean())
+            inside = c_model > 0
+            estimate = weighted_estimate(torch.from_numpy(inside), untilt)
+            p_model, p_true = float(estimate.p), float((c_true > 0).mean())
             # The shape of the model's conditional: C(x) of its samples in E against the simulator's.
-            ks_in_event = (float(stats.ks_2samp(c_model[c_model > 0], c_true[c_true > 0]).statistic)
-                           if (c_model > 0).sum() > 1 else None)
-            rows.append({"threshold": threshold, "p_model": p_model,
-                         "p_model_se": float(np.sqrt(p_model * (1 - p_model) / len(values))),
+            ks_in_event = (weighted_ks(c_model[inside], untilt.numpy()[inside], c_true[c_true > 0])
+                           if inside.sum() > 1 else None)
+            rows.append({"threshold": threshold, "p_model": p_model, "p_model_se": float(estimate.p_se),
+                         "samples_in_event": int(inside.sum()),
                          "p_true": p_true, "ratio": p_model / p_true if p_true else float("nan"),
                          "ks_in_event": ks_in_event,
                          "p_reference": None if reference is None else float((constraint(at, reference) > 0).mean())})
-        ks = float(stats.ks_2samp(values, truth).statistic)
+        ks = weighted_ks(values, untilt.numpy(), truth)
         what = (f"the exact denoiser of {args.empirical} simulated windows" if args.empirical else
                 f"{config.key()} ({overrides or 'defaults'}), trained in {model.seconds / 60:.1f} min")
         grid = f" (band {band})" if band else ""

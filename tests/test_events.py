@@ -295,6 +295,86 @@ def test_window_denoiser_training_saves_its_checkpoint_when_terminated(tmp_path)
         assert int(f.metadata()["step"]) >= 1
 
 
+def test_tail_tilt_weights_are_the_training_weights_and_keep_old_keys(tmp_path, monkeypatch):
+    # The correction must use the very w the denoiser was trained with: log_tilt of the
+    # training windows (in the model's coordinates) gives back the sampling weights, the
+    # windows beyond the tail quantile weigh about tail_weight, the bulk near 1 (the step is
+    # smooth, TILT_WIDTH wide in log distance), the Gaussian skip has the tilted moments,
+    # and the tilt survives the cache.
+    from densiformer.model.window_denoiser import WindowConfig, fit_tilt, load_or_train
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+    def simulate(n, seed):  # quiet noise with rare 10-sigma spikes, 4 steps x 2 channels
+        rng = np.random.default_rng(seed)
+        x = 0.1 * rng.standard_normal((n, 8))
+        x[rng.random(n) < 0.02] += 1.0
+        return x.astype(np.float32)
+
+    shape = {"train_windows": 4000, "width": 8, "layers": 2, "steps": 2, "architecture": "conv", "length": 4}
+    config = WindowConfig("test", 8, **shape, tail_weight=10.0, tail_quantile=0.95)
+    model = load_or_train(config, simulate, progress=False)
+    x = torch.from_numpy(simulate(config.train_windows, config.seed + 1)).double()
+    z = torch.linalg.solve(model.basis.double(), (x - model.mean.double()).T).T.float()
+    _, weights = fit_tilt(config, z)
+    torch.testing.assert_close(model.log_tilt(z).exp(), weights, rtol=1e-4, atol=1e-4)
+    spikes = x.mean(-1) > 0.5  # every spike lies beyond the 95% quantile of the distance
+    assert (weights[spikes] > 9.5).all() and (weights[~spikes].median() < 1.5)
+    assert (weights > 5.5).float().mean() == pytest.approx(0.05, abs=0.01)
+    tilted_mean = (weights[:, None] * z).sum(0) / weights.sum()
+    torch.testing.assert_close(model.denoiser.data_mean, tilted_mean, rtol=1e-4, atol=1e-4)
+    assert (model.denoiser.data_mean - z.mean(0)).abs().max() > 0.1  # the spikes' weight moved it
+    cached = load_or_train(config, simulate, progress=False)
+    assert cached.seconds == model.seconds
+    torch.testing.assert_close(cached.log_tilt(z), model.log_tilt(z))
+    untilted = load_or_train(WindowConfig("test", 8, **shape), simulate, progress=False)
+    torch.testing.assert_close(untilted.log_tilt(z), torch.zeros(4000))
+    torch.testing.assert_close(untilted.denoiser.data_mean, z.mean(0))
+    assert WindowConfig("lorenz63", 180, tail_quantile=0.9).key() == "a9a8fcf00d4b174f"  # no tilt: old key
+    assert WindowConfig("lorenz63", 180, tail_weight=10.0).key() != "a9a8fcf00d4b174f"
+    with pytest.raises(ValueError, match="tail_weight"):
+        WindowConfig("test", 8, tail_weight=0.5)
+
+
+def test_events_command_weights_a_tilted_denoiser_back(tmp_path, monkeypatch):
+    # SMC gets -log w as its last weight and its P(E) is divided by E_model[1 / w]; the
+    # probability-flow rows, which cannot take the weights, are refused before any work.
+    from densiformer.guidance import cli
+    from densiformer.guidance import smc as smc_module
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tiny = {"steps": 10, "train_windows": 2000, "width": 8, "layers": 2, "tail_weight": 5.0}
+    with pytest.raises(ValueError, match="tail-tilted"):
+        cli.run("lorenz63", num_samples=8, smc_particles=0, prob_samples=2, truth_windows=20_000, progress=False,
+                denoiser=tiny)
+    assert not (tmp_path / "cache").exists()
+    seen = {}
+
+    def spy(*args, _sampler=smc_module.sample_twisted, **kwargs):
+        result = _sampler(*args, **kwargs)
+        seen["log_weight"], seen["result"] = kwargs["log_weight"], result
+        return result
+
+    monkeypatch.setattr(smc_module, "sample_twisted", spy)
+    result = cli.run("lorenz63", num_samples=64, smc_particles=16, truth_windows=20_000, progress=False,
+                     denoiser=tiny)
+    # E_model[1 / w] lies between 1 / tail_weight and 1.
+    assert 0.2 < result["tilt_normaliser"] < 1
+    smc = result["rows"][-1]
+    assert smc["method"] == "moment + SMC"
+    assert smc["p"] == pytest.approx(float(seen["result"].p) / result["tilt_normaliser"], rel=1e-9)
+    x = seen["result"].x
+    from densiformer.model.window_denoiser import WindowConfig, load_or_train
+    from densiformer.datasets import lorenz63
+
+    model = load_or_train(WindowConfig("lorenz63", lorenz63.DIM, **{**cli._system("lorenz63", None).denoiser, **tiny}),
+                          lorenz63.simulate, progress=False)
+    torch.testing.assert_close(seen["log_weight"](x), -model.log_tilt(x))
+    assert (model.log_tilt(x) > 0).any()
+    assert all(np.isfinite(r["p"]) and 0 <= r["p"] <= 1 for r in (result["rows"][0], smc))
+    assert "tail-tilted" in cli.format_table(result)
+
+
 def test_events_command_writes_the_table_and_histogram(tmp_path, monkeypatch):
     # The plumbing of `densiformer events` on a model trained for a few steps (the
     # statistics need the full run: benchmarks/bench_events.py); the simulator's event rate

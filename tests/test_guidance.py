@@ -166,6 +166,40 @@ def test_weighted_ks_is_the_two_sample_ks_of_repeated_values():
         weighted_ks(a, np.zeros(299), b)
 
 
+def test_twisted_smc_log_weight_samples_the_tilted_conditional():
+    # A linear log weight a.x turns the model N(m, S) into N(m + S a, S): SMC must sample
+    # that tilted density on E and estimate E_model[1_E exp(a.x)] = exp(a.m + a.S.a / 2) P_tilted(E).
+    a = torch.tensor([0.0, 0.2], dtype=torch.float64)
+    t = W_MEAN + 2 * W_STD
+    r = sample_twisted(TARGET.eps, SCHEDULE, events.Above(f_sum, t), (2000, 2), guidance="moment", steps=400,
+                       generator=torch.Generator().manual_seed(4), dtype=torch.float64,
+                       log_weight=lambda x: x @ a)
+    var = TARGET.std**2
+    tilted_mean = float((TARGET.mean + var * a).sum())
+    truth = stats.truncnorm((t - tilted_mean) / W_STD, np.inf, loc=tilted_mean, scale=W_STD)
+    expected = math.exp(float(a @ TARGET.mean + 0.5 * (a * var * a).sum())) * stats.norm.sf((t - tilted_mean) / W_STD)
+    f = f_sum(r.x).numpy()
+    assert (f > t).all()
+    assert abs(float(r.p) / expected - 1) < CHAIN_BIAS + 4 * float(r.p_se) / expected
+    assert stats.kstest(f, truth.cdf).statistic < ks_critical(int(r.distinct.sum()))
+    # The weight matters: the untilted P(E) (0.023) is far from the tilted expectation (0.041).
+    assert abs(stats.norm.sf(2.0) / expected - 1) > 0.4
+
+
+def test_weighted_estimate_recovers_the_untilted_probability():
+    from densiformer.guidance.probability import binomial_estimate, weighted_estimate
+
+    inside = torch.rand(500, generator=torch.Generator().manual_seed(0)) < 0.3
+    plain, weighted = binomial_estimate(inside), weighted_estimate(inside, torch.zeros(500))
+    torch.testing.assert_close(weighted.p, plain.p)
+    torch.testing.assert_close(weighted.p_se, plain.p_se)
+    # Samples of N(1, 1) weighted by N(0, 1) / N(1, 1) ∝ exp(-x) give P(x > 1) under N(0, 1).
+    x = 1 + torch.randn(20_000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    r = weighted_estimate(x > 1, -x)
+    assert abs(float(r.p) - stats.norm.sf(1.0)) < 4 * float(r.p_se) and float(r.p_se) < 0.01
+    assert abs(float(binomial_estimate(x > 1).p) - stats.norm.sf(1.0)) > 0.3  # unweighted: far off
+
+
 def test_twisted_smc_corrects_a_weak_guidance():
     # dps at step size 0.05 barely guides (most plain samples miss the event); the
     # weights and resampling still give the conditional and P(E), with fewer distinct particles.

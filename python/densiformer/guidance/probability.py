@@ -197,3 +197,14 @@ def binomial_estimate(inside: torch.Tensor) -> ProbabilityEstimate:
     p = inside.double().mean(-1)
     p_se = torch.sqrt(p * (1 - p) / n)
     return ProbabilityEstimate(p, p_se, p.log(), p_se / p, p, n)
+
+
+def weighted_estimate(inside: torch.Tensor, log_weight: torch.Tensor) -> ProbabilityEstimate:
+    """P(E) from samples of a tilted model weighted back by exp(log_weight) (self-normalised
+    over the last axis), with the delta-method standard error. Equal weights give
+    binomial_estimate."""
+    w = torch.softmax(log_weight.double(), -1)
+    inside = inside.double()
+    p = (w * inside).sum(-1)
+    p_se = torch.sqrt((w * w * (inside - p[..., None]) ** 2).sum(-1))
+    return ProbabilityEstimate(p, p_se, p.log(), p_se / p, inside.mean(-1), inside.shape[-1])

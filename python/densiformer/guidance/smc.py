@@ -64,7 +64,8 @@ class TwistedSample(NamedTuple):
 def sample_twisted(denoiser, schedule: Schedule, event: Event, shape, *, guidance: str = "moment",
                    guidance_options: dict | None = None, prediction: str = "eps", steps: int = 100,
                    groups: int = GROUPS, ess_fraction: float = 0.5, twist_from: float = -math.inf,
-                   generator: torch.Generator | None = None, dtype=torch.float32, device="cpu") -> TwistedSample:
+                   generator: torch.Generator | None = None, dtype=torch.float32, device="cpu",
+                   log_weight=None) -> TwistedSample:
     """Draw shape (..., n, k) samples of p(x | E) by twisted SMC on the DDPM sampler.
 
     The n particles of each batch entry are split into `groups` independent systems of
@@ -74,6 +75,11 @@ def sample_twisted(denoiser, schedule: Schedule, event: Event, shape, *, guidanc
     magnitude (FitzHugh-Nagumo's spikes at log-SNR -6.5), the few particles the model
     would carry into E otherwise get huge weights later, a tail that the population
     misses; starting the twist where it is calibrated avoids that.
+    log_weight: None, or a function of the final x (..., k) -> (...), for a denoiser that
+    models a tilted density (a tail-tilted window model: -log w): the samples are then of
+    p(x | E) ∝ p_model(x) exp(log_weight(x)) on E, and `p` estimates
+    E_model[1_E exp(log_weight)] (divide by E_model[exp(log_weight)] for the probability
+    under the untilted density).
     """
     shape = tuple(shape)
     if len(shape) < 2 or groups < 1 or shape[-2] < 2 * groups or shape[-2] % groups:
@@ -135,7 +141,8 @@ def sample_twisted(denoiser, schedule: Schedule, event: Event, shape, *, guidanc
     # proposal: at the data end the guided Tweedie mean moves every x_1 onto the boundary.
     alpha_t, sigma_t = coefficients(lams[steps - 1])
     x = (x - sigma_t * eps_u) / alpha_t
-    log_w = log_w + torch.where(event.indicator(x), -twist.double(), -math.inf)
+    final = -twist.double() if log_weight is None else log_weight(x).double() - twist.double()
+    log_w = log_w + torch.where(event.indicator(x), final, -math.inf)
     particles = x.reshape(shape)
     log_weights = (log_z[..., None] + log_w - math.log(n // groups)).reshape(shape[:-1])
     log_z, log_w, (x, origin) = _resample(log_z, log_w, (x, origin), generator)

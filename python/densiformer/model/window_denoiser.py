@@ -97,10 +97,27 @@ class WindowConfig:
     # linear within about one scale of zero, logarithmic beyond, which brings rare large
     # excursions (FitzHugh-Nagumo's spikes, 8 sigma) within reach of the denoiser.
     asinh_scale: float = 0.0
+    # Tail tilt (1: off). The model learns p_w(x) ∝ w(x) p(x), where w rises smoothly from 1
+    # to tail_weight for the training windows whose Mahalanobis distance (under the Gaussian
+    # fitted to them) lies beyond their tail_quantile; WindowModel.log_tilt gives log w of any
+    # window, so p(x) ∝ p_w(x) / w(x) comes back exactly through importance weights (SMC's
+    # last weight, the weighted Monte Carlo estimate). Why: FitzHugh-Nagumo's joint spikes
+    # (1.4%, all beyond the 98% quantile) are a rare far mode that the network learns at a
+    # fraction of its weight; at 10x (11% of the tilted density) it makes as many spikes as
+    # the sampler's grid lets through (benchmarks/results/events/tails/README.md).
+    tail_weight: float = 1.0
+    tail_quantile: float = 0.98
 
     def __post_init__(self):
         if not self.asinh_scale >= 0:
             raise ValueError(f"asinh_scale must be 0 (off) or positive, got {self.asinh_scale}")
+        if not (self.tail_weight >= 1 and 0 < self.tail_quantile < 1):
+            raise ValueError(f"need tail_weight >= 1 (1: off) and 0 < tail_quantile < 1, got {self.tail_weight}, "
+                             f"{self.tail_quantile}")
+
+    @property
+    def tilted(self) -> bool:
+        return self.tail_weight != 1.0
 
     def fields(self) -> dict:
         """The config as a dict, leaving out fields added later while they hold their
@@ -108,10 +125,21 @@ class WindowConfig:
         fields = asdict(self)
         if fields["asinh_scale"] == 0.0:
             del fields["asinh_scale"]
+        if not self.tilted:
+            del fields["tail_weight"], fields["tail_quantile"]
         return fields
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(self.fields(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _moments(z: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance (float64) of z (n, dim), with optional per-row weights. Unweighted,
+    the mean is z's own float32 mean: the rounding that weights cached before the tilt had."""
+    if weights is None:
+        return z.mean(0).double(), torch.cov(z.T.double())
+    weights, z = weights.double(), z.double()
+    return (weights[:, None] * z).sum(0) / weights.sum(), torch.cov(z.T, aweights=weights)
 
 
 class WindowDenoiser(nn.Module):
@@ -148,9 +176,15 @@ class WindowDenoiser(nn.Module):
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
 
-    def set_data_moments(self, z):
-        self.data_mean.copy_(z.mean(0))
-        self.data_var.copy_(z.var(0))
+    def set_data_moments(self, z, weights=None):
+        """The Gaussian skip's moments: of the windows z (n, dim), each weighing `weights` (n,)."""
+        if weights is None:  # float32, as weights cached before the tilt were trained
+            self.data_mean.copy_(z.mean(0))
+            self.data_var.copy_(z.var(0))
+            return
+        mean, cov = _moments(z, weights)
+        self.data_mean.copy_(mean.float())
+        self.data_var.copy_(cov.diagonal().float())
 
     def network(self, u, log_snr):
         angles = (log_snr.to(u.dtype) / LOG_SNR_RANGE)[..., None] * self.frequencies.to(u.dtype)
@@ -218,9 +252,11 @@ class ConvWindowDenoiser(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def set_data_moments(self, z):
-        self.data_mean.copy_(z.mean(0))
-        val, vec = torch.linalg.eigh(torch.cov(z.T.double()))
+    def set_data_moments(self, z, weights=None):
+        """The Gaussian skip's moments: of the windows z (n, dim), each weighing `weights` (n,)."""
+        mean, cov = _moments(z, weights)
+        self.data_mean.copy_(mean.float())
+        val, vec = torch.linalg.eigh(cov)
         self.eigval.copy_(val.clamp_min(0).float())
         self.eigvec.copy_(vec.float())
 
@@ -275,15 +311,64 @@ def build_denoiser(config: WindowConfig) -> nn.Module:
     raise ValueError(f"unknown architecture {config.architecture!r}; choose 'mlp' or 'conv'")
 
 
+# Width, in log squared Mahalanobis distance, of the tail tilt's smooth step.
+TILT_WIDTH = 0.25
+
+
+def mahalanobis2(z: torch.Tensor, mean: torch.Tensor, eigvec: torch.Tensor, eigval: torch.Tensor) -> torch.Tensor:
+    """Squared Mahalanobis distance of z (..., dim) under N(mean, U diag(eigval) U^T), with
+    the eigenvalues floored at 1e-3 of the largest (the near-deterministic modes would
+    otherwise make the distance of a generated window hinge on its rounding)."""
+    floor = eigval.clamp_min(1e-3 * float(eigval.max()))
+    return (((z - mean) @ eigvec) ** 2 / floor).sum(-1)
+
+
+def log_tail_weight(m2: torch.Tensor, log_threshold: float, weight: float) -> torch.Tensor:
+    """log w: w rises from 1 to `weight` around squared distance exp(log_threshold)."""
+    step = torch.sigmoid((m2.clamp_min(1e-30).log() - log_threshold) / TILT_WIDTH)
+    return torch.log1p((weight - 1) * step)
+
+
+def fit_tilt(config: WindowConfig, z: torch.Tensor) -> tuple[dict | None, torch.Tensor | None]:
+    """(tilt, weights): the Gaussian and threshold of the tail tilt fitted to the training
+    windows z (n, dim), JSON-ready, and each window's weight w; (None, None) untilted."""
+    if not config.tilted:
+        return None, None
+    mean, cov = _moments(z)
+    eigval, eigvec = torch.linalg.eigh(cov)
+    eigval = eigval.clamp_min(0)
+    m2 = mahalanobis2(z.double(), mean, eigvec, eigval)
+    log_threshold = float(torch.quantile(m2, config.tail_quantile).log())
+    weights = log_tail_weight(m2, log_threshold, config.tail_weight).exp().float()
+    tilt = {"mean": mean.tolist(), "eigvec": eigvec.tolist(), "eigval": eigval.tolist(),
+            "log_threshold": log_threshold, "mean_weight": float(weights.mean())}
+    return tilt, weights
+
+
 class WindowModel:
     """A trained denoiser with its whitening: x = g^-1(mean + z @ basis.T), basis = U L^1/2,
-    g the asinh stretch where config.asinh_scale > 0 (else the identity)."""
+    g the asinh stretch where config.asinh_scale > 0 (else the identity). With a tail tilt
+    (config.tilted) the denoiser models p_w(z) ∝ w(z) p(z), and log_tilt(z) = log w(z)."""
 
-    def __init__(self, config: WindowConfig, denoiser: WindowDenoiser, mean, basis, seconds: float):
+    def __init__(self, config: WindowConfig, denoiser: WindowDenoiser, mean, basis, seconds: float,
+                 tilt: dict | None = None):
         self.config, self.denoiser, self.seconds = config, denoiser.eval().requires_grad_(False), seconds
         self.mean = torch.as_tensor(np.asarray(mean), dtype=torch.float32)
         self.basis = torch.as_tensor(np.asarray(basis), dtype=torch.float32)
         self.schedule = get_schedule(config.schedule)
+        if config.tilted and tilt is None:
+            raise ValueError("a tilted config needs its tilt (the Gaussian and threshold it was trained with)")
+        self.tilt = None if tilt is None else {k: float(v) if k in ("log_threshold", "mean_weight") else
+                                               torch.as_tensor(np.asarray(v), dtype=torch.float64)
+                                               for k, v in tilt.items()}
+
+    def log_tilt(self, z: torch.Tensor) -> torch.Tensor:
+        """log w(z) of the tail tilt for windows z (..., dim) in the model's coordinates; 0 untilted."""
+        if self.tilt is None:
+            return z.new_zeros(z.shape[:-1])
+        t = self.tilt
+        m2 = mahalanobis2(z.double(), t["mean"].to(z.device), t["eigvec"].to(z.device), t["eigval"].to(z.device))
+        return log_tail_weight(m2, t["log_threshold"], self.config.tail_weight).to(z.dtype)
 
     def to_physical(self, z: torch.Tensor) -> torch.Tensor:
         u = self.mean.to(z) + z @ self.basis.to(z).T
@@ -328,7 +413,8 @@ def load_or_train(config: WindowConfig, simulate, *, retrain: bool = False, prog
             denoiser = build_denoiser(config)
             denoiser.load_state_dict(load_file(str(path / "model.safetensors")))
             denoiser.to(device)
-            return WindowModel(config, denoiser, np.array(meta["mean"]), np.array(meta["basis"]), meta["seconds"])
+            return WindowModel(config, denoiser, np.array(meta["mean"]), np.array(meta["basis"]), meta["seconds"],
+                               meta.get("tilt"))
     data = np.asarray(simulate(config.train_windows, config.seed + 1), dtype=np.float64)
     if config.asinh_scale > 0:
         data = config.asinh_scale * np.arcsinh(data / config.asinh_scale)
@@ -341,27 +427,30 @@ def load_or_train(config: WindowConfig, simulate, *, retrain: bool = False, prog
         # hundred-odd near-deterministic fast modes took the loss over and the model lost the
         # slow ones (its 50% quantile of the Lorenz energy fell to the simulator's 10%).
         basis = eigvec * np.sqrt(np.maximum(eigval, config.variance_floor * eigval.max()))
-    z = np.linalg.solve(basis, (data - mean).T).T.astype(np.float32)
+    z = torch.from_numpy(np.linalg.solve(basis, (data - mean).T).T.astype(np.float32))
+    tilt, weights = fit_tilt(config, z)
     path.mkdir(parents=True, exist_ok=True)
     checkpoint = path / "checkpoint.safetensors"
     if retrain:
         checkpoint.unlink(missing_ok=True)
-    denoiser, seconds = train(config, torch.from_numpy(z), progress, device, checkpoint=checkpoint)
+    denoiser, seconds = train(config, z, progress, device, checkpoint=checkpoint, weights=weights)
     save_file({k: v.cpu().contiguous() for k, v in denoiser.state_dict().items()}, str(path / "model.safetensors.tmp"))
     meta = {"config": config.fields(), "mean": mean.tolist(), "basis": basis.tolist(), "seconds": seconds,
             "command": f"densiformer events {config.system} --retrain"}
+    if tilt is not None:
+        meta["tilt"] = tilt
     (path / "config.json.tmp").write_text(json.dumps(meta, indent=2))
     os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
     os.replace(path / "config.json.tmp", path / "config.json")
     checkpoint.unlink(missing_ok=True)
-    return WindowModel(config, denoiser, mean, basis, seconds)
+    return WindowModel(config, denoiser, mean, basis, seconds, tilt)
 
 
 CHECKPOINT_EVERY = 200  # training steps; a killed run loses at most this many
 
 
 def train(config: WindowConfig, z: torch.Tensor, progress: bool = True, device="cpu", *,
-          checkpoint: Path | None = None) -> tuple[nn.Module, float]:
+          checkpoint: Path | None = None, weights: torch.Tensor | None = None) -> tuple[nn.Module, float]:
     """Train on standardised windows z (n, dim) for config.steps steps; returns the EMA model
     (on device) and the training time in seconds, earlier runs of a resumed training included.
 
@@ -369,6 +458,7 @@ def train(config: WindowConfig, z: torch.Tensor, progress: bool = True, device="
     config gives the same random stream on any device. With `checkpoint` (a file path),
     training resumes from it, saves it every CHECKPOINT_EVERY steps and, when SIGINT or
     SIGTERM stops the run, after the step under way; the caller deletes it when done.
+    weights: per-window sampling weights (the tail tilt, fit_tilt), None for uniform batches.
     """
     from tqdm.auto import tqdm
 
@@ -376,7 +466,7 @@ def train(config: WindowConfig, z: torch.Tensor, progress: bool = True, device="
     generator = torch.Generator().manual_seed(config.seed)
     schedule = get_schedule(config.schedule)
     model = build_denoiser(config)
-    model.set_data_moments(z)
+    model.set_data_moments(z, weights)  # the tilted density's Gaussian under a tilted model
     model.to(device)
     weight = z.var(0) / z.var(0).mean() if config.loss_weighting == "variance" else torch.ones(z.shape[-1])
     z, weight = z.to(device), weight.to(device)
@@ -398,7 +488,9 @@ def train(config: WindowConfig, z: torch.Tensor, progress: bool = True, device="
             factor = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / config.steps))
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * factor
-            x0 = z[torch.randint(len(z), (config.batch_size,), generator=generator).to(device)]
+            index = (torch.randint(len(z), (config.batch_size,), generator=generator) if weights is None else
+                     torch.multinomial(weights, config.batch_size, replacement=True, generator=generator))
+            x0 = z[index.to(device)]
             # Stratified times, as in training.diffusion_loss.
             t = (torch.rand((), generator=generator) + torch.arange(config.batch_size) / config.batch_size) % 1.0
             log_snr = schedule.log_snr(t).float().to(device)
