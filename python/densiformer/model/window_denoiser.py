@@ -45,6 +45,14 @@ within 10%, inside the Monte Carlo error of 4,000 samples (0.0025 and 0.0015); w
 (History: a plain v-predicting MLP had collapsed the leading PCA modes to 0.46 of
 their std; the Gaussian skip fixed the second moments, not the shape.)
 
+A tail tilt (`tail_weight` > 1, FitzHugh-Nagumo's default in `densiformer events`) trains
+on p_w(x) ∝ w(x) p(x), w rising to tail_weight beyond a quantile of the Mahalanobis
+distance; `WindowModel.log_tilt` gives log w of any window, and the events command weighs
+samples back by 1 / w (exactly, inside SMC). Untilted, the FitzHugh-Nagumo network makes a
+quarter of the simulator's 1.4% joint spikes; tilted 10x (10.6% spikes in p_w) it makes 80%
+of its training share on the banded DDPM-100 grid, all that the grid lets through
+(benchmarks/results/events/tails/README.md).
+
 Trained weights are cached under $XDG_CACHE_HOME/densiformer/window_denoiser/<key>/
 (default ~/.cache), `key` a hash of the training config, as model.safetensors and
 config.json. The config fully determines the result on the CPU, so the cache is
