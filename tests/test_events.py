@@ -371,7 +371,7 @@ def test_events_command_weights_a_tilted_denoiser_back(tmp_path, monkeypatch):
                           lorenz63.simulate, progress=False)
     torch.testing.assert_close(seen["log_weight"](x), -model.log_tilt(x))
     assert (model.log_tilt(x) > 0).any()
-    assert all(np.isfinite(r["p"]) and 0 <= r["p"] <= 1 for r in (result["rows"][0], smc))
+    assert all(np.isfinite(r["p"]) and 0 <= r["p"] <= 1 for r in (*result["rows"][:2], smc))
     assert "tail-tilted" in cli.format_table(result)
 
 
@@ -392,23 +392,26 @@ def test_events_command_writes_the_table_and_histogram(tmp_path, monkeypatch):
     system = cli._system
     monkeypatch.setattr(cli, "_system", lambda *a: dataclasses.replace(system(*a), smc_twist_from=-6.0,
                                                                          sampling_band=(-8.0, -4.0)))
-    # Every sampler, plain and SMC, takes sampling_steps and the banded schedule.
-    steps_seen, bands_seen = [], []
+    # Every DDPM sampler, plain and SMC, takes sampling_steps and the banded schedule; the
+    # ODE Monte Carlo row takes its own steps on the model's schedule.
+    calls = []
     for module, name in ((scores, "sample_with_event"), (smc_module, "sample_twisted")):
         def spy(denoiser, schedule, *args, _sampler=getattr(module, name), **kwargs):
-            steps_seen.append(kwargs["steps"])
-            bands_seen.append((schedule.lo, schedule.hi, schedule.density) if isinstance(schedule, BandedSchedule)
-                              else None)
+            band = (schedule.lo, schedule.hi, schedule.density) if isinstance(schedule, BandedSchedule) else None
+            calls.append((kwargs.get("sampler", "ddpm"), kwargs["steps"], band, args[1][0]))  # args[1]: shape
             return _sampler(denoiser, schedule, *args, **kwargs)
         monkeypatch.setattr(module, name, spy)
     result = run("lorenz63", out=tmp_path / "out", num_samples=8, smc_particles=16, truth_windows=20_000,
                  progress=False, denoiser={"steps": 10, "train_windows": 2000, "width": 8, "layers": 2},
-                 sampling_steps=50)
-    assert len(steps_seen) == 9 and set(steps_seen) == {50} and result["sampling_steps"] == 50
-    assert set(bands_seen) == {(-8.0, -4.0, cli.BAND_DENSITY)} and result["sampling_band"] == [-8.0, -4.0]
+                 sampling_steps=40, mc_samples=12)
+    # A warm-up draw of 2, mc_samples unguided, num_samples per plain method, the SMC particles.
+    banded = (-8.0, -4.0, cli.BAND_DENSITY)
+    assert sorted(calls) == sorted([("ddpm", 40, banded, n) for n in (2, 12, 8, 8, 8, 8, 8, 8, 16)]
+                                   + [("heun", cli.ODE_MC[1], None, 12)])
+    assert result["sampling_steps"] == 40 and result["sampling_band"] == [-8.0, -4.0] and result["mc_samples"] == 12
     assert abs(result["p_true"] - 0.0967) < 4 * result["p_true_se"] + 1e-3
     methods = [r["method"] for r in result["rows"]]
-    assert methods == ["unguided", "moment", "moment (std stopped)", "moment (lookahead 4)",
+    assert methods == ["unguided", "unguided ODE (heun 50)", "moment", "moment (std stopped)", "moment (lookahead 4)",
                        "moment (std stopped, lookahead 4)", "dps", "interval", "moment + SMC"]
     smc = result["rows"][-1]
     assert smc["particles"] == 16 and 1 <= smc["distinct"] <= 16 and smc["p_estimator"] == "SMC"

@@ -31,6 +31,13 @@ SMC_OPTIONS = {"moment": {"std_grad": False}, "dps": {}, "interval": {}}
 # The probability-flow P(E) in 180-240 dimensions: fixed-step RK4 (the adaptive solver's
 # shared step size collapses on the stiffest sample of the guided field).
 ODE_FIXED = {"method": "fixed", "steps": 24}
+# The second Monte Carlo P(E): unguided samples of the probability-flow ODE, Heun with 50
+# steps (99 evaluations, about DDPM-100's cost). The deterministic flow keeps a mode that
+# coarse ancestral steps merge into the bulk: on FitzHugh-Nagumo's exact denoiser it keeps
+# the whole spike mode where DDPM-100 keeps 44% (81% on the banded grid;
+# benchmarks/results/events/tails/README.md). SMC runs on the DDPM chain and estimates
+# that chain's P(E).
+ODE_MC = ("heun", 50)
 BAND_DENSITY = 8.0  # steps per unit of time inside a system's sampling band, relative to outside
 
 
@@ -56,6 +63,9 @@ class System:
     # denoiser, DDPM-100 keeps 44% of the spike mode on the cosine grid and 81% with the band
     # (benchmarks/results/events/tails/README.md). Lorenz-63's grid loses no mass.
     sampling_band: tuple | None = None
+    # Unguided samples behind each Monte Carlo P(E) row; None: num_samples. A 1.4% event
+    # needs thousands for a standard error well under the 25% figure.
+    mc_samples: int | None = None
 
 
 def _system(name: str, threshold: float | None) -> System:
@@ -70,7 +80,8 @@ def _system(name: str, threshold: float | None) -> System:
         return System(name, fitzhugh_nagumo, fitzhugh_nagumo.max_mean_voltage, "above",
                       fitzhugh_nagumo.DEFAULT_THRESHOLD if threshold is None else threshold,
                       {"architecture": "conv", "length": fitzhugh_nagumo.STEPS, "width": 32, "layers": 8,
-                       "steps": 3000, "tail_weight": 10.0}, smc_twist_from=-5.5, sampling_band=(-8.0, -4.0))
+                       "steps": 3000, "tail_weight": 10.0}, smc_twist_from=-5.5, sampling_band=(-8.0, -4.0),
+                      mc_samples=4000)
     raise ValueError(f"unknown system {name!r}; choose 'lorenz63' or 'fitzhugh-nagumo'")
 
 
@@ -107,7 +118,7 @@ def simulator_truth(system: System, n: int, seed: int, progress: bool) -> np.nda
 
 def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_particles=1000, smc_methods=("moment",),
         smc_twist_from=None, prob_samples=0, truth_windows=1_000_000, seed=0, retrain=False, progress=True,
-        denoiser=None, device="cpu", sampling_steps=100, sampling_band="system") -> dict:
+        denoiser=None, device="cpu", sampling_steps=100, sampling_band="system", mc_samples=None) -> dict:
     """Sample the system's event with every method and compare with the simulator; returns the table.
 
     denoiser: WindowConfig fields that override the system's (a smaller model for tests).
@@ -116,9 +127,11 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
     sampling_steps: DDPM steps of every sampler, plain and SMC.
     sampling_band: (lo, hi), the log-SNR band where those steps are BAND_DENSITY times denser
         (diffusion.schedules.BandedSchedule); None: the schedule's own grid; "system": the system's.
+    mc_samples: unguided samples of each Monte Carlo P(E) row (DDPM and the ODE); None: the
+        system's, or num_samples.
     """
     from ..model.window_denoiser import WindowConfig, load_or_train
-    from .probability import binomial_estimate, estimate_from_log_ratios, flow_log_ratios, weighted_estimate
+    from .probability import estimate_from_log_ratios, flow_log_ratios, weighted_estimate
     from .scores import guided_eps_fn, sample_with_event
     from .smc import sample_twisted, weighted_ks
 
@@ -128,6 +141,8 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
         smc_twist_from = system.smc_twist_from
     if sampling_band == "system":
         sampling_band = system.sampling_band
+    if mc_samples is None:
+        mc_samples = system.mc_samples or num_samples
     started = time.perf_counter()
     config = WindowConfig(system.name, system.module.DIM, **{**system.denoiser, **(denoiser or {})})
     if config.tilted and prob_samples:
@@ -158,25 +173,31 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
         ks = weighted_ks(c[ok], log_w[ok], true_conditional) if ok.sum() > 1 else None  # too few in E
         return c, log_w, float(ok.mean()), ks
 
-    def draw(guidance, options, n):
+    def draw(guidance, options, n, sampler="ddpm", steps=sampling_steps, schedule=sampler_schedule):
         t0 = time.perf_counter()
-        z = sample_with_event(denoiser, sampler_schedule, event_z, (n, k), guidance=guidance,
-                              guidance_options=options, steps=sampling_steps, generator=generator, device=device)
+        z = sample_with_event(denoiser, schedule, event_z, (n, k), guidance=guidance, guidance_options=options,
+                              sampler=sampler, steps=steps, generator=generator, device=device)
         if z.is_cuda:
             torch.cuda.synchronize()
         return z, (time.perf_counter() - t0) / n
 
+    def monte_carlo_row(label, z, seconds):
+        """P(E) from unguided samples, a tilted model's weighted back by 1 / w (equal
+        weights give the binomial estimate); "satisfied" is that same weighted fraction."""
+        mc = weighted_estimate(event_z.indicator(z), -model.log_tilt(z))
+        return {"method": label, "satisfied": float(mc.p), "ks": satisfied_and_ks(z)[3], "p": float(mc.p),
+                "p_se": float(mc.p_se), "p_estimator": "monte carlo", "ms_per_sample": 1e3 * seconds}
+
     draw("moment", None, 2)  # warm-up, so that the first timed method does not pay for it
-    unguided, t_plain = draw(None, None, num_samples)
+    unguided, t_plain = draw(None, None, mc_samples)
     untilt = -model.log_tilt(unguided)  # log 1 / w: zeros without a tilt
-    mc = (weighted_estimate if model.tilt else lambda inside, _: binomial_estimate(inside))(
-        event_z.indicator(unguided), untilt)
-    # E_model[1 / w]: turns SMC's E_model[1_E / w] into P(E) under the untilted model.
+    # E_model[1 / w] of the DDPM chain: turns SMC's E_model[1_E / w] into P(E) under the untilted model.
     normaliser = float(untilt.exp().mean())
     normaliser_se = float(untilt.exp().std() / len(untilt) ** 0.5)
-    _, _, _, ks_unguided = satisfied_and_ks(unguided)
-    rows = [{"method": "unguided", "satisfied": float(mc.p), "ks": ks_unguided, "p": float(mc.p),
-             "p_se": float(mc.p_se), "p_estimator": "monte carlo", "ms_per_sample": 1e3 * t_plain}]
+    ode_sampler, ode_steps = ODE_MC
+    rows = [monte_carlo_row("unguided", unguided, t_plain),
+            monte_carlo_row(f"unguided ODE ({ode_sampler} {ode_steps})",
+                            *draw(None, None, mc_samples, ode_sampler, ode_steps, schedule))]
     histograms = {}
     for guidance, options in METHODS:
         label = _label(guidance, options)
@@ -230,7 +251,8 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
         row["time_vs_unguided"] = row["ms_per_sample"] / rows[0]["ms_per_sample"]
     result = {"system": system.name, "threshold": system.threshold, "p_true": float(p_true),
               "p_true_se": float(p_true_se), "truth_windows": len(truth_c), "num_samples": num_samples,
-              "smc_particles": smc_particles, "prob_samples": prob_samples, "sampling_steps": sampling_steps,
+              "smc_particles": smc_particles, "prob_samples": prob_samples, "mc_samples": mc_samples,
+              "sampling_steps": sampling_steps,
               "sampling_band": None if sampling_band is None else [float(v) for v in sampling_band],
               "tilt_normaliser": normaliser if model.tilt else None,
               "train_seconds": model.seconds, "setup_seconds": trained, "config": model.config.fields(),
@@ -263,6 +285,7 @@ def format_table(result: dict) -> str:
     width = max(24, 2 + max(len(r["method"]) for r in result["rows"]))
     lines = [f"{result['system']}: P(E) true = {result['p_true']:.4g} +- {result['p_true_se']:.2g} "
              f"({result['truth_windows']} simulated windows); {result['num_samples']} samples per plain method, "
+             f"{result.get('mc_samples', result['num_samples'])} per Monte Carlo row, "
              f"{result['smc_particles']} particles per SMC run, {result['sampling_steps']} DDPM steps"
              + ("" if band is None else f" ({BAND_DENSITY:g}x denser in log-SNR [{band[0]:g}, {band[1]:g}])")
              + ("" if result["tilt_normaliser"] is None else
@@ -337,6 +360,9 @@ def add_events_parser(subparsers):
     p.add_argument("--prob-samples", type=int, default=0,
                    help="guided samples per probability-flow P(E) estimate (default 0: skip it; slow in 180+ "
                         "dimensions)")
+    p.add_argument("--mc-samples", type=int, default=None,
+                   help="unguided samples of each Monte Carlo P(E) row, DDPM and probability-flow ODE (default: "
+                        "--num-samples for lorenz63, 4000 for fitzhugh-nagumo)")
     p.add_argument("--truth-windows", type=int, default=1_000_000)
     p.add_argument("--sampling-steps", type=int, default=100,
                    help="DDPM steps of every sampler, plain and SMC (default 100; the time per sample grows with "
@@ -395,6 +421,8 @@ def cmd_events(args) -> int:
         raise ValueError(f"--sampling-steps must be at least 2, got {args.sampling_steps}")
     if args.num_samples < 2 or not (args.prob_samples == 0 or 2 <= args.prob_samples <= args.num_samples):
         raise ValueError("need --num-samples >= --prob-samples >= 2, or --prob-samples 0")
+    if args.mc_samples is not None and args.mc_samples < 2:
+        raise ValueError(f"--mc-samples must be at least 2, got {args.mc_samples}")
     from .smc import GROUPS
 
     if args.smc_particles and (args.smc_particles < 2 * GROUPS or args.smc_particles % GROUPS):
@@ -417,5 +445,5 @@ def cmd_events(args) -> int:
         smc_particles=args.smc_particles, smc_methods=smc_methods,
         smc_twist_from=args.smc_twist_from, prob_samples=args.prob_samples,
         truth_windows=args.truth_windows, seed=args.seed, retrain=args.retrain, denoiser=denoiser, device=device,
-        sampling_steps=args.sampling_steps, sampling_band=sampling_band)
+        sampling_steps=args.sampling_steps, sampling_band=sampling_band, mc_samples=args.mc_samples)
     return 0
