@@ -404,10 +404,11 @@ def test_events_command_writes_the_table_and_histogram(tmp_path, monkeypatch):
     result = run("lorenz63", out=tmp_path / "out", num_samples=8, smc_particles=16, truth_windows=20_000,
                  progress=False, denoiser={"steps": 10, "train_windows": 2000, "width": 8, "layers": 2},
                  sampling_steps=40, mc_samples=12)
-    # A warm-up draw of 2, mc_samples unguided, num_samples per plain method, the SMC particles.
+    # A warm-up draw of 2, mc_samples unguided (in batches of num_samples, as the plain rows
+    # are timed), num_samples per plain method, the SMC particles.
     banded = (-8.0, -4.0, cli.BAND_DENSITY)
-    assert sorted(calls) == sorted([("ddpm", 40, banded, n) for n in (2, 12, 8, 8, 8, 8, 8, 8, 16)]
-                                   + [("heun", cli.ODE_MC[1], None, 12)])
+    assert sorted(calls) == sorted([("ddpm", 40, banded, n) for n in (2, 8, 4, 8, 8, 8, 8, 8, 8, 16)]
+                                   + [("heun", cli.ODE_MC[1], None, n) for n in (8, 4)])
     assert result["sampling_steps"] == 40 and result["sampling_band"] == [-8.0, -4.0] and result["mc_samples"] == 12
     assert abs(result["p_true"] - 0.0967) < 4 * result["p_true_se"] + 1e-3
     methods = [r["method"] for r in result["rows"]]
