@@ -208,7 +208,7 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
         label = _label(guidance, options)
         z, t_guided = draw(guidance, options, num_samples)
         c, log_w, satisfied, ks = satisfied_and_ks(z)
-        histograms[label] = (c, log_w)
+        histograms[label] = (c, log_w, satisfied)
         row = {"method": label, "satisfied": satisfied, "ks": ks, "p": float("nan"), "p_se": float("nan"),
                "ms_per_sample": 1e3 * t_guided}
         if prob_samples:
@@ -240,7 +240,7 @@ def run(system_name: str, *, threshold=None, out=None, num_samples=500, smc_part
         # distribution as the resampled ones, without the resampling's duplicates.
         c = constraint(system, system.fn(model.to_physical(result.particles))).cpu().numpy()
         log_w = result.log_weights.cpu().numpy()
-        histograms[label] = (c, log_w)
+        histograms[label] = (c, log_w, satisfied)
         ks = weighted_ks(c, log_w, true_conditional) if np.isfinite(log_w).any() else None
         p = float(result.p) / normaliser
         p_se = float(np.hypot(float(result.p_se) / normaliser, p * normaliser_se / normaliser))
@@ -316,7 +316,7 @@ def format_table(result: dict) -> str:
 def plot_histograms(histograms: dict, true_conditional: np.ndarray, path: Path, system: System):
     """C(x) of each method's samples in the event against the simulator's conditional:
     plain guidance on the left, inside the twisted SMC sampler on the right (its weighted
-    particles). histograms: label -> (C(x), log weights)."""
+    particles). histograms: label -> (C(x), log weights, the table's fraction in E)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -327,13 +327,12 @@ def plot_histograms(histograms: dict, true_conditional: np.ndarray, path: Path, 
     for i, (title, keep) in enumerate(panels):
         ax = fig.add_subplot(1, 2, i + 1)
         ax.hist(true_conditional, bins=bins, density=True, color="0.75", label="simulator, in event")
-        for label, (c, log_w) in histograms.items():
+        for label, (c, log_w, satisfied) in histograms.items():
             shown = (c > 0) & (c <= bins[-1]) & np.isfinite(log_w)
             if keep(label) and shown.sum() > 1:  # the samples in the event, as in the KS column
                 weights = np.exp(log_w - log_w[np.isfinite(log_w)].max())  # 0 where log_w is -inf
-                in_event = weights[c > 0].sum() / weights.sum()
                 ax.hist(c[shown], bins=bins, weights=weights[shown], density=True, histtype="step", linewidth=1.4,
-                        label=f"{label} ({in_event:.0%} in E)")
+                        label=f"{label} ({satisfied:.0%} in E)")
         ax.set_xlabel("C(x)  (> 0: in the event)")
         ax.set_ylabel("density")
         ax.set_title(f"{system.name}: {title}")
