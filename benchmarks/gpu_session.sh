@@ -10,8 +10,9 @@
 #   events    (issue #7, not in the default list) FitzHugh-Nagumo's spike event with a width-64
 #             denoiser trained 10x longer on the GPU: its unguided spike rate, then the event
 #             table; brings back the tables, the histograms and the trained weights (cache/)
-#   events_steps  (issue #7, after events, with the same carry) the trained network at 400 DDPM
-#             steps: its unguided spike rate (16,000 samples), then the event table. On 2 CPU
+#   events_steps  (issue #7, after events, with the same carry) the trained network on the ODE
+#             (Heun-50) and at 400 DDPM steps: its unguided spike rates (16,000 samples), then the
+#             event table at 400 steps. On 2 CPU
 #             cores the exact denoiser of 5,000 windows keeps 44% of the spike mode at 100 DDPM
 #             steps, 83% at 400 and all of it with Heun-50 (benchmarks/results/events/tails)
 #
@@ -115,9 +116,10 @@ stage_events() {
   # The weights land in $OUT_DIR/cache (copy to ~/.cache/densiformer to evaluate them anywhere).
   # A training cut off by its step's time limit (SIGTERM) leaves its checkpoint there:
   # copy $OUT_DIR/cache/densiformer/. into .gpu_cache/ and call again to resume it.
-  # On 2 CPU cores width 64 / 6000 steps gave 0.45% spikes against 1.38%, 12000 steps 0.57% (width 32 / 3000:
-  # 0.2-0.3%); EVENTS_WIDTH and EVENTS_STEPS (default 64 and 30000) set the GPU's run, where
-  # a wider network costs little more per step.
+  # On 2 CPU cores untilted, width 64 / 6000 steps gave 0.45% spikes against 1.38%, 12000 steps 0.57%;
+  # the default tail tilt (10x) lifts width 32 / 3000 to 0.91% (banded DDPM-100) and 0.96-1.07% (Heun-50),
+  # KS in E 0.15-0.25. EVENTS_WIDTH and EVENTS_STEPS (default 64 and 30000) set the GPU's run (tilted, the
+  # system's default), where a wider network costs little more per step.
   local width="${EVENTS_WIDTH:-64}" steps="${EVENTS_STEPS:-30000}"
   events_cache
   step test_events 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_events.py -k cuda
@@ -129,10 +131,14 @@ stage_events() {
 }
 
 stage_events_steps() {
-  # The same network at 400 sampling steps (still 8x denser in the events command's band):
-  # on the exact denoiser 100 banded steps keep 81% of the spike mode, the ODE 100%.
+  # The same network at 400 sampling steps (still 8x denser in the events command's band)
+  # and on the probability-flow ODE (Heun-50): on the exact denoiser 100 banded steps keep
+  # 81% of the spike mode, the ODE 100%.
   local width="${EVENTS_WIDTH:-64}" steps="${EVENTS_STEPS:-30000}"
   events_cache
+  step tail_network_heun50 120 "$PY" benchmarks/bench_window_tail.py fitzhugh-nagumo --width "$width" \
+    --train-steps "$steps" --num-samples 16000 --sampler heun --steps 50 --device cuda \
+    --out "$OUT_DIR/tail_heun50.json"
   step tail_network_ddpm400 150 "$PY" benchmarks/bench_window_tail.py fitzhugh-nagumo --width "$width" \
     --train-steps "$steps" --num-samples 16000 --steps 400 --band=-8,-4 --device cuda --out "$OUT_DIR/tail_ddpm400.json"
   step events_ddpm400 240 "$PY" benchmarks/bench_events.py --systems fitzhugh-nagumo --width "$width" \
