@@ -35,7 +35,7 @@ def main():
     parser.add_argument("--prob-samples", type=int, default=0)
     parser.add_argument("--truth-windows", type=int, default=1_000_000)
     parser.add_argument("--width", type=int, default=None, help="denoiser width (default: the CLI's, 32)")
-    parser.add_argument("--train-steps", type=int, default=None, help="denoiser training steps (default 3000)")
+    parser.add_argument("--train-steps", type=int, default=None, help="denoiser training steps (default: the system's)")
     parser.add_argument("--threshold", type=float, default=None, help="event threshold (default: the system's)")
     parser.add_argument("--sampling-steps", type=int, default=None, help="DDPM steps of every sampler (default 100)")
     parser.add_argument("--sampling-band", default=None,

@@ -1,6 +1,6 @@
 """How well the moment guidance's log p(E | x_t) is calibrated along the sampler's noise levels.
 
-    python benchmarks/bench_moment_calibration.py [lorenz63|fitzhugh-nagumo] [--width 32] [--train-steps 3000]
+    python benchmarks/bench_moment_calibration.py [lorenz63|fitzhugh-nagumo] [--width 32] [--train-steps N]
         [--layers 8] [--starts 30] [--continuations 64] [--levels 5,10,15,20,30] [--lookahead 4]
         [--starts-in-event] [--out results.json]
 

@@ -1,6 +1,6 @@
 """How much unguided mass a window denoiser puts on an event's tail, and where it loses it.
 
-    python benchmarks/bench_window_tail.py fitzhugh-nagumo [--width 32] [--train-steps 3000] [--layers 8]
+    python benchmarks/bench_window_tail.py fitzhugh-nagumo [--width 32] [--train-steps N] [--layers 8]
         [--tail-weight 10] [--num-samples 4000] [--sampler ddpm --steps 100] [--band LO,HI] [--thresholds 0.2,0.5,0.7]
         [--restart=-8,-6,-5,-4,-2,0] [--empirical 20000] [--x0-check=-6,-4,-2,0,2] [--out results.json]
 
