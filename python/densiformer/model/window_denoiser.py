@@ -49,9 +49,10 @@ A tail tilt (`tail_weight` > 1, FitzHugh-Nagumo's default in `densiformer events
 on p_w(x) ∝ w(x) p(x), w rising to tail_weight beyond a quantile of the Mahalanobis
 distance; `WindowModel.log_tilt` gives log w of any window, and the events command weighs
 samples back by 1 / w (exactly, inside SMC). Untilted, the FitzHugh-Nagumo network makes a
-quarter of the simulator's 1.4% joint spikes; tilted 10x (10.6% spikes in p_w) it makes 73-80%
-of its training share on the banded DDPM-100 grid (the exact denoiser: 81%) and 75-84% on the
-probability-flow ODE (benchmarks/results/events/tails/README.md).
+quarter of the simulator's 1.4% joint spikes; tilted 10x (10.6% spikes in p_w) and trained 3000
+steps it makes 73-80% of its training share on the banded DDPM-100 grid (the exact denoiser:
+81%) and 75-84% on the probability-flow ODE; trained 12,000 steps (the events default), 81-89%
+on the ODE (benchmarks/results/events/tails/README.md).
 
 Trained weights are cached under $XDG_CACHE_HOME/densiformer/window_denoiser/<key>/
 (default ~/.cache), `key` a hash of the training config, as model.safetensors and
