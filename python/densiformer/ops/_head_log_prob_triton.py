@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_scratch_matmul import scratch_matmul_t
+
 # Programs launched at most; each owns a 2 x (1 + K) x BLOCK_M x W scratch buffer.
 MAX_PROGRAMS = 1024
 
@@ -70,41 +72,21 @@ def _evaluate(cond, request, w_in, b_in, w_hidden, b_hidden, w_out, b_out, time_
         for n0 in range(0, W, BLOCK_N):
             cols = n0 + dn
             nmask = cols < W
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for r0 in range(0, W, BLOCK_R):
-                red = r0 + dr
-                rmask = red < W
-                a = tl.load(src + rows + red[None, :], mask=rmask[None, :], other=0.0)
-                w = tl.load(weight + cols[None, :] * W + red[:, None], mask=rmask[:, None] & nmask[None, :],
-                            other=0.0)
-                acc += tl.dot(a, w, input_precision="ieee")
-            pre = acc + tl.load(b_hidden + layer * W + cols, mask=nmask, other=0.0)[None, :]
+            pre = scratch_matmul_t(src, rows, weight, cols, nmask, W, BLOCK_M, BLOCK_N, BLOCK_R)
+            pre += tl.load(b_hidden + layer * W + cols, mask=nmask, other=0.0)[None, :]
             s = _sigmoid(pre)
             slope = s * (1.0 + pre * (1.0 - s))
             res = tl.load(src + rows + cols[None, :], mask=nmask[None, :], other=0.0)
             tl.store(dst + rows + cols[None, :], res + pre * s, mask=nmask[None, :])
             for j in range(K):
                 t_src = src + (1 + j) * slab
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for r0 in range(0, W, BLOCK_R):
-                    red = r0 + dr
-                    rmask = red < W
-                    a = tl.load(t_src + rows + red[None, :], mask=rmask[None, :], other=0.0)
-                    w = tl.load(weight + cols[None, :] * W + red[:, None], mask=rmask[:, None] & nmask[None, :],
-                                other=0.0)
-                    acc += tl.dot(a, w, input_precision="ieee")
+                acc = scratch_matmul_t(t_src, rows, weight, cols, nmask, W, BLOCK_M, BLOCK_N, BLOCK_R)
                 res = tl.load(t_src + rows + cols[None, :], mask=nmask[None, :], other=0.0)
                 tl.store(dst + (1 + j) * slab + rows + cols[None, :], res + slope * acc, mask=nmask[None, :])
         tl.debug_barrier()
         src, dst = dst, src
     # Output layer: F = (W_out h + b_out) req, tr dF/dx = sum_j req_j W_out[j] . T_j.
-    out = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for r0 in range(0, W, BLOCK_R):
-        red = r0 + dr
-        rmask = red < W
-        a = tl.load(src + rows + red[None, :], mask=rmask[None, :], other=0.0)
-        w = tl.load(w_out + dk[None, :] * W + red[:, None], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        out += tl.dot(a, w, input_precision="ieee")
+    out = scratch_matmul_t(src, rows, w_out, dk, kmask, W, BLOCK_M, BLOCK_K, BLOCK_R)
     out = (out + tl.load(b_out + dk, mask=kmask, other=0.0)[None, :]) * req
     trace = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for j in range(K):

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_scratch_matmul import scratch_matmul_t
+
 # Programs launched at most; each loops over blocks of sample rows and owns a
 # 2 x BLOCK_M x W scratch buffer (1024 x 256 KiB = 256 MiB at W = 512). To be tuned
 # on a GPU.
@@ -88,7 +90,6 @@ def _head_sample_loop_kernel(cond, request, w_in, b_in, w_hidden, b_hidden, w_ou
     rows = tl.arange(0, BLOCK_M)[:, None] * W
     dk = tl.arange(0, BLOCK_K)
     dn = tl.arange(0, BLOCK_N)
-    dr = tl.arange(0, BLOCK_R)
     kmask = dk < K
     for block in range(tl.program_id(0), tl.cdiv(pairs, BLOCK_M), tl.num_programs(0)):
         pair = tl.arange(0, BLOCK_M).to(tl.int64) + block * BLOCK_M
@@ -118,27 +119,14 @@ def _head_sample_loop_kernel(cond, request, w_in, b_in, w_hidden, b_hidden, w_ou
                 for n0 in range(0, W, BLOCK_N):
                     cols = n0 + dn
                     nmask = cols < W
-                    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                    for r0 in range(0, W, BLOCK_R):
-                        red = r0 + dr
-                        rmask = red < W
-                        a = tl.load(src + rows + red[None, :], mask=rmask[None, :], other=0.0)
-                        w = tl.load(weight + cols[None, :] * W + red[:, None], mask=rmask[:, None] & nmask[None, :],
-                                    other=0.0)
-                        acc += tl.dot(a, w, input_precision="ieee")
+                    acc = scratch_matmul_t(src, rows, weight, cols, nmask, W, BLOCK_M, BLOCK_N, BLOCK_R)
                     acc += tl.load(b_hidden + layer * W + cols, mask=nmask, other=0.0)[None, :]
                     res = tl.load(src + rows + cols[None, :], mask=nmask[None, :], other=0.0)
                     tl.store(dst + rows + cols[None, :], res + _silu(acc), mask=nmask[None, :])
                 tl.debug_barrier()
                 src, dst = dst, src
             # Output layer (the v-prediction F) and the sampler update.
-            v = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            for r0 in range(0, W, BLOCK_R):
-                red = r0 + dr
-                rmask = red < W
-                a = tl.load(src + rows + red[None, :], mask=rmask[None, :], other=0.0)
-                w = tl.load(w_out + dk[None, :] * W + red[:, None], mask=rmask[:, None] & kmask[None, :], other=0.0)
-                v += tl.dot(a, w, input_precision="ieee")
+            v = scratch_matmul_t(src, rows, w_out, dk, kmask, W, BLOCK_M, BLOCK_K, BLOCK_R)
             v = (v + tl.load(b_out + dk, mask=kmask, other=0.0)[None, :]) * req
             c = coefs + step * 6
             x0 = tl.load(c) * x - tl.load(c + 1) * v
