@@ -77,12 +77,13 @@ def _system(name: str, threshold: float | None) -> System:
                       {"architecture": "conv", "length": lorenz63.STEPS, "width": 32, "layers": 8, "steps": 3000,
                        "train_windows": 400_000})
     if name == "fitzhugh-nagumo":
-        # 12,000 steps (33 min on 2 CPU cores): the probability-flow P(E) falls 23-31% short at
-        # 3000, 19-28% at 6000 and 11-19% at 12,000 (benchmarks/results/events/tails/README.md).
+        # 24,000 steps (71 min on 2 CPU cores): the moment sampler's KS in E is 0.152 at 3000,
+        # 0.126-0.139 at 6000, 0.088-0.122 at 12,000 and 0.081-0.082 at 24,000 (two seeds); the
+        # probability-flow P(E) gap stays 11-22% from 12,000 on (benchmarks/results/events/tails/README.md).
         return System(name, fitzhugh_nagumo, fitzhugh_nagumo.max_mean_voltage, "above",
                       fitzhugh_nagumo.DEFAULT_THRESHOLD if threshold is None else threshold,
                       {"architecture": "conv", "length": fitzhugh_nagumo.STEPS, "width": 32, "layers": 8,
-                       "steps": 12_000, "tail_weight": 10.0}, smc_twist_from=-5.5, sampling_band=(-8.0, -4.0),
+                       "steps": 24_000, "tail_weight": 10.0}, smc_twist_from=-5.5, sampling_band=(-8.0, -4.0),
                       mc_samples=4000)
     raise ValueError(f"unknown system {name!r}; choose 'lorenz63' or 'fitzhugh-nagumo'")
 
@@ -382,7 +383,7 @@ def add_events_parser(subparsers):
                    help="channels of the convolutional denoiser (default 32; 64 matches the simulator's tails "
                         "better at about twice the training and sampling time, see benchmarks/results/events)")
     p.add_argument("--train-steps", type=int, default=None,
-                   help="training steps of the denoiser (default: 3000 for Lorenz-63, 12000 for FitzHugh-Nagumo)")
+                   help="training steps of the denoiser (default: 3000 for Lorenz-63, 24000 for FitzHugh-Nagumo)")
     p.add_argument("--layers", type=int, default=None, help="residual blocks of the denoiser (default 8)")
     p.add_argument("--device", default="cpu",
                    help="where the denoiser trains and samples: cpu (default), cuda, cuda:1, ... (a GPU makes "

@@ -51,8 +51,9 @@ distance; `WindowModel.log_tilt` gives log w of any window, and the events comma
 samples back by 1 / w (exactly, inside SMC). Untilted, the FitzHugh-Nagumo network makes a
 quarter of the simulator's 1.4% joint spikes; tilted 10x (10.6% spikes in p_w) and trained 3000
 steps it makes 73-80% of its training share on the banded DDPM-100 grid (the exact denoiser:
-81%) and 75-84% on the probability-flow ODE; trained 12,000 steps (the events default), 81-89%
-on the ODE (benchmarks/results/events/tails/README.md).
+81%) and 75-84% on the probability-flow ODE; trained 12,000 steps 81-89% on the ODE, and 24,000
+steps (the events default) 78-85%, while its spikes' shape keeps improving
+(benchmarks/results/events/tails/README.md).
 
 Trained weights are cached under $XDG_CACHE_HOME/densiformer/window_denoiser/<key>/
 (default ~/.cache), `key` a hash of the training config, as model.safetensors and
