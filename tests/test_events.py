@@ -184,7 +184,18 @@ def test_window_model_asinh_stretch_round_trips_and_keeps_old_cache_keys(tmp_pat
         WindowConfig("test", 8, asinh_scale=-1.0)
 
 
-def test_window_denoiser_training_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own Ctrl-C handler for one test: under nohup or `cmd &` SIGINT starts ignored,
+    and the trainer rightly leaves an ignored signal alone, so raising it would do nothing."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_window_denoiser_training_resumes_from_its_checkpoint(tmp_path, monkeypatch, python_sigint_handler):
     # A run killed after its last periodic checkpoint, or stopped by SIGINT, resumes from
     # checkpoint.safetensors and ends, on the CPU, with exactly the weights of an
     # uninterrupted run; load_or_train deletes the checkpoint once the weights are cached.
